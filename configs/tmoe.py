@@ -1,0 +1,74 @@
+"""TMOE: a Transformer encoder-decoder with MoE feed-forward blocks, on the embedded date task.
+
+Translates dates written in 16 human styles ("Tuesday, 3 March 1998", "3/3/98",
+"March 3rd, '98", ...) into ISO 8601, character by character. Every second
+feed-forward block is a top-2 MoE layer with 4 experts.
+
+Run:
+  python -m train --config configs/tmoe.py --workdir runs/tmoe
+Override any field:
+  python -m train --config configs/tmoe.py --config.model.num_experts=8 --config.train.num_steps=500
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.task = "seq2seq"
+
+  config.model = ml_collections.ConfigDict()
+  config.model.d_model = 128
+  config.model.num_heads = 4
+  config.model.num_layers = 2  # encoder layers
+  config.model.num_decoder_layers = 2
+  config.model.d_ff = 256
+  config.model.dropout_rate = 0.1
+  config.model.attention_dropout_rate = 0.0
+  config.model.share_embeddings = True
+  config.model.position_embedding = "sinusoidal"  # or "learned"
+  config.model.max_length = 32
+  config.model.activation = "relu"
+  config.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
+  config.model.num_experts = 4
+  config.model.top_k = 2
+  config.model.moe_every = 2  # every 2nd FFN is MoE; 1 = all, 0 = dense model
+  config.model.capacity_factor = 1.25
+  config.model.eval_capacity_factor = 2.0
+  config.model.normalize_gates = True
+  config.model.load_balancing_weight = 1e-2
+  config.model.router_z_weight = 1e-3
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 2500
+  config.train.batch_size = 32
+  config.train.learning_rate = 1e-3
+  config.train.schedule = "cosine"  # or "constant"
+  config.train.warmup_steps = 100
+  config.train.final_learning_rate_fraction = 0.1
+  config.train.adam_b1 = 0.9
+  config.train.adam_b2 = 0.98
+  config.train.weight_decay = 0.0
+  config.train.grad_clip_norm = 1.0  # 0 = no clipping
+  config.train.label_smoothing = 0.0
+  config.train.seed = 0
+  config.train.log_every = 50
+  config.train.eval_every = 500
+  config.train.checkpoint_every = 500
+  config.train.keep_checkpoints = 3
+  config.train.progress_bar = True
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 256
+  config.eval.beam_size = 1  # 1 = greedy
+  config.eval.length_penalty = 0.6
+  config.eval.num_examples_during_training = 512  # decoded at each eval_every; the final eval uses all
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "dates"
+  config.data.dir = ""  # local files; empty = the embedded (or TFDS) source
+  config.data.tfds_data_dir = ""
+  config.data.seed = 0
+  config.data.num_train = 50_000
+  config.data.num_test = 2_000
+  return config

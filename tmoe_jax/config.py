@@ -1,0 +1,214 @@
+"""Typed model settings, built once from an `ml_collections.ConfigDict`.
+
+Modules never read a ConfigDict: `TransformerConfig.from_config` validates the
+`model` section at the boundary and every later consumer gets a frozen dataclass.
+Every check raises `ConfigError` naming the offending field, so the command line
+can print one clear message instead of a JAX traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+from tmoe_jax.errors import ConfigError
+
+POSITION_EMBEDDINGS = ("sinusoidal", "learned")
+ACTIVATIONS = ("relu", "gelu", "silu")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def require(condition: bool, field: str, message: str) -> None:
+  """Raises ConfigError('<field>: <message>') unless `condition` holds."""
+  if not condition:
+    raise ConfigError(f"{field}: {message}")
+
+
+def require_type(value: Any, types: type | tuple[type, ...], field: str) -> None:
+  # bool is an int subclass; a flag written `=True` where a count is expected is a typo.
+  ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _as_tuple(types))
+  if not ok:
+    names = " or ".join(t.__name__ for t in _as_tuple(types))
+    raise ConfigError(f"{field}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def _as_tuple(types):
+  return types if isinstance(types, tuple) else (types,)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Settings of one sparse MoE feed-forward layer.
+
+  Expert capacity counts all k assignments (GShard/MaxText convention):
+  `capacity = ceil(capacity_factor * tokens * top_k / num_experts)`, clipped to
+  `tokens` because an expert never receives the same token twice.
+  """
+
+  num_experts: int
+  top_k: int
+  d_model: int
+  d_ff: int
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  normalize_gates: bool = True
+  activation: str = "relu"
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    require(self.num_experts >= 1, "model.num_experts", f"must be >= 1, got {self.num_experts}")
+    require(
+        1 <= self.top_k <= self.num_experts,
+        "model.top_k",
+        f"must be in [1, num_experts={self.num_experts}], got {self.top_k}",
+    )
+    require(self.capacity_factor > 0, "model.capacity_factor", f"must be > 0, got {self.capacity_factor}")
+    require(
+        self.eval_capacity_factor > 0,
+        "model.eval_capacity_factor",
+        f"must be > 0, got {self.eval_capacity_factor}",
+    )
+    require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
+
+  def capacity(self, num_tokens: int, *, training: bool) -> int:
+    factor = self.capacity_factor if training else self.eval_capacity_factor
+    capacity = math.ceil(factor * num_tokens * self.top_k / self.num_experts)
+    return max(1, min(capacity, num_tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Settings of the encoder-decoder Transformer (pre-LN, Vaswani et al. 2017)."""
+
+  vocab_size: int
+  d_model: int = 128
+  num_heads: int = 4
+  num_layers: int = 2
+  num_decoder_layers: int = 2
+  d_ff: int = 256
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.0
+  share_embeddings: bool = True
+  position_embedding: str = "sinusoidal"
+  max_length: int = 64
+  activation: str = "relu"
+  num_experts: int = 4
+  top_k: int = 2
+  moe_every: int = 2
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  normalize_gates: bool = True
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_length"):
+      require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+    for name in ("num_layers", "num_decoder_layers", "moe_every"):
+      require(getattr(self, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(self, name)}")
+    require(
+        self.d_model % self.num_heads == 0,
+        "model.num_heads",
+        f"must divide d_model={self.d_model}, got {self.num_heads}",
+    )
+    for name in ("dropout_rate", "attention_dropout_rate"):
+      rate = getattr(self, name)
+      require(0.0 <= rate < 1.0, f"model.{name}", f"must be in [0, 1), got {rate}")
+    require(
+        self.position_embedding in POSITION_EMBEDDINGS,
+        "model.position_embedding",
+        f"must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}",
+    )
+    require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
+    if self.moe_every:
+      self.moe  # validates the MoE fields now rather than at first use
+
+  @property
+  def moe(self) -> MoEConfig:
+    return MoEConfig(
+        num_experts=self.num_experts,
+        top_k=self.top_k,
+        d_model=self.d_model,
+        d_ff=self.d_ff,
+        capacity_factor=self.capacity_factor,
+        eval_capacity_factor=self.eval_capacity_factor,
+        normalize_gates=self.normalize_gates,
+        activation=self.activation,
+        dtype=self.dtype,
+    )
+
+  def is_moe_layer(self, layer_index: int) -> bool:
+    """Every `moe_every`-th feed-forward block is MoE (Switch/GShard); 0 = none."""
+    return self.moe_every > 0 and (layer_index + 1) % self.moe_every == 0
+
+  @classmethod
+  def from_config(cls, model_config, *, vocab_size: int) -> "TransformerConfig":
+    """Builds from the `model` section of a ConfigDict, type-checking each field."""
+    values = {}
+    for field in dataclasses.fields(cls):
+      if field.name == "vocab_size":
+        continue
+      if field.name == "dtype":
+        dtype_name = model_config.dtype
+        require(dtype_name in DTYPES, "model.dtype", f"must be one of {tuple(DTYPES)}, got {dtype_name!r}")
+        values["dtype"] = DTYPES[dtype_name]
+        continue
+      if field.name not in model_config:
+        raise ConfigError(f"model.{field.name}: missing from the config")
+      value = model_config[field.name]
+      expected = type(field.default)
+      if expected is float:
+        require_type(value, (int, float), f"model.{field.name}")
+        value = float(value)
+      else:
+        require_type(value, expected, f"model.{field.name}")
+      values[field.name] = value
+    return cls(vocab_size=vocab_size, **values)
+
+
+# (field, type, condition on the value, what the condition says) for the run settings
+# every experiment shares; the model section is checked by its dataclass.
+_RUN_FIELDS = (
+    ("train.num_steps", int, lambda v: v >= 0, ">= 0"),
+    ("train.batch_size", int, lambda v: v >= 1, ">= 1"),
+    ("train.learning_rate", (int, float), lambda v: v > 0, "> 0"),
+    ("train.warmup_steps", int, lambda v: v >= 0, ">= 0"),
+    ("train.final_learning_rate_fraction", (int, float), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.adam_b1", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.adam_b2", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.weight_decay", (int, float), lambda v: v >= 0, ">= 0"),
+    ("train.grad_clip_norm", (int, float), lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train.label_smoothing", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.seed", int, lambda v: v >= 0, ">= 0"),
+    ("train.log_every", int, lambda v: v >= 1, ">= 1"),
+    ("train.eval_every", int, lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("train.checkpoint_every", int, lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("train.keep_checkpoints", int, lambda v: v >= 1, ">= 1"),
+    ("model.load_balancing_weight", (int, float), lambda v: v >= 0, ">= 0"),
+    ("model.router_z_weight", (int, float), lambda v: v >= 0, ">= 0"),
+    ("eval.batch_size", int, lambda v: v >= 1, ">= 1"),
+    ("eval.beam_size", int, lambda v: v >= 1, ">= 1 (1 = greedy)"),
+    ("eval.num_examples_during_training", int, lambda v: v >= 1, ">= 1"),
+    ("data.seed", int, lambda v: v >= 0, ">= 0"),
+    ("data.num_train", int, lambda v: v >= 1, ">= 1"),
+    ("data.num_test", int, lambda v: v >= 1, ">= 1"),
+)
+
+
+def _lookup(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    if part not in node:
+      raise ConfigError(f"{dotted}: missing from the config")
+    node = node[part]
+  return node
+
+
+def validate_run_config(config) -> None:
+  """Checks the train/eval/data settings; raises ConfigError naming the first bad field."""
+  for field, types, condition, description in _RUN_FIELDS:
+    value = _lookup(config, field)
+    require_type(value, types, field)
+    require(condition(value), field, f"must be {description}, got {value!r}")

@@ -1,0 +1,1 @@
+"""Embedded, download-free datasets and tokenisation for tmoe_jax."""

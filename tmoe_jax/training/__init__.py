@@ -1,0 +1,1 @@
+"""Training: explicit state, pure jitted steps, Orbax checkpoints and the loops around them."""

@@ -1,0 +1,1 @@
+"""Command-line entry points: `python -m train` trains, see train/__main__.py."""
