@@ -4,3 +4,13 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import tempfile
+
+import jax
+
+# Tests build many tiny models with identical shapes: a persistent compilation cache
+# makes the second and later compilations of the same step nearly free.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "tmoe_jax_test_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
