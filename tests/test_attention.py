@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,9 +33,7 @@ def test_padding_mask_hand_example():
   mask = padding_mask(query_valid, key_valid)
   chex.assert_shape(mask, (1, 1, 3, 2))
   assert mask.dtype == jnp.bool_
-  expected = np.array([[[[True, False],
-                         [True, False],
-                         [False, False]]]])
+  expected = np.array([[[[True, False], [True, False], [False, False]]]])
   np.testing.assert_array_equal(np.asarray(mask), expected)
 
 
@@ -52,9 +49,7 @@ def test_causal_mask_hand_example():
   """Position i may attend exactly the positions j <= i (lower triangle incl. diagonal)."""
   mask = causal_mask(3)
   chex.assert_shape(mask, (1, 1, 3, 3))
-  expected = np.array([[1, 0, 0],
-                       [1, 1, 0],
-                       [1, 1, 1]], dtype=bool)
+  expected = np.array([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=bool)
   np.testing.assert_array_equal(np.asarray(mask)[0, 0], expected)
 
 
@@ -154,7 +149,7 @@ def test_multi_head_attention_without_mask_attends_everything():
 
 
 def test_padded_keys_have_no_influence():
-  """Changing a padded key's vector leaves every real query's output bit-for-bit the same."""
+  """Changing the vectors at padded positions leaves every real query's output unchanged."""
   attn = _random_attention(seed=6)
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
@@ -174,10 +169,10 @@ def test_future_keys_have_no_influence_under_causal_mask():
   x = jnp.asarray(rng.normal(size=(1, 5, 8)), jnp.float32)
   out = np.asarray(attn(x, x, causal_mask(5)))
   for i in range(4):
-    changed = x.at[:, i + 1:].set(jnp.asarray(rng.normal(size=(1, 4 - i, 8)), jnp.float32) * 10)
+    changed = x.at[:, i + 1 :].set(jnp.asarray(rng.normal(size=(1, 4 - i, 8)), jnp.float32) * 10)
     out_changed = np.asarray(attn(changed, changed, causal_mask(5)))
-    np.testing.assert_allclose(out_changed[:, :i + 1], out[:, :i + 1], rtol=0, atol=1e-6)
-    assert not np.allclose(out_changed[:, i + 1:], out[:, i + 1:])
+    np.testing.assert_allclose(out_changed[:, : i + 1], out[:, : i + 1], rtol=0, atol=1e-6)
+    assert not np.allclose(out_changed[:, i + 1 :], out[:, i + 1 :])
 
 
 def test_attention_decode_step_matches_causal_attention():
@@ -187,7 +182,7 @@ def test_attention_decode_step_matches_causal_attention():
   full = np.asarray(attn(x, x, causal_mask(4)))
   cache = attn.empty_cache(2, 6, jnp.float32)
   for step in range(4):
-    out, cache = attn.decode_step(x[:, step:step + 1], cache, jnp.int32(step))
+    out, cache = attn.decode_step(x[:, step : step + 1], cache, jnp.int32(step))
     chex.assert_shape(out, (2, 1, 8))
     np.testing.assert_allclose(np.asarray(out)[:, 0], full[:, step], rtol=1e-5, atol=1e-5)
 
@@ -234,9 +229,21 @@ def _tiny_transformer(position_embedding="sinusoidal", share_embeddings=True, se
   one-token decoding steps, and the two paths compute the same function.
   """
   config = TransformerConfig(
-      vocab_size=VOCAB, d_model=16, num_heads=2, num_layers=2, num_decoder_layers=2, d_ff=24,
-      dropout_rate=0.0, share_embeddings=share_embeddings, position_embedding=position_embedding,
-      max_length=8, num_experts=4, top_k=2, moe_every=2, eval_capacity_factor=2.0)
+    vocab_size=VOCAB,
+    d_model=16,
+    num_heads=2,
+    num_layers=2,
+    num_decoder_layers=2,
+    d_ff=24,
+    dropout_rate=0.0,
+    share_embeddings=share_embeddings,
+    position_embedding=position_embedding,
+    max_length=8,
+    num_experts=4,
+    top_k=2,
+    moe_every=2,
+    eval_capacity_factor=2.0,
+  )
   assert config.is_moe_layer(1) and not config.is_moe_layer(0)
   return Transformer(config, rngs=nnx.Rngs(seed))
 
@@ -274,14 +281,14 @@ def test_decoder_logits_do_not_depend_on_future_target_tokens():
   for i in (0, 2, 4):
     changed = TARGET_INPUT.copy()
     # Real tokens stay real (ids >= 1) so the padding pattern is unchanged.
-    changed[:, i + 1:] = rng.integers(1, VOCAB, size=changed[:, i + 1:].shape)
+    changed[:, i + 1 :] = rng.integers(1, VOCAB, size=changed[:, i + 1 :].shape)
     changed[TARGET_INPUT == PAD_ID] = PAD_ID
     changed_logits, _ = _teacher_forced(model, source, jnp.asarray(changed))
     changed_logits = np.asarray(changed_logits)
-    np.testing.assert_allclose(changed_logits[:, :i + 1], logits[:, :i + 1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(changed_logits[:, : i + 1], logits[:, : i + 1], rtol=1e-5, atol=1e-5)
     # Sanity check that the change was visible at all: some later real position moved.
-    later_real = (TARGET_INPUT != PAD_ID)[:, i + 1:]
-    assert not np.allclose(changed_logits[:, i + 1:][later_real], logits[:, i + 1:][later_real])
+    later_real = (TARGET_INPUT != PAD_ID)[:, i + 1 :]
+    assert not np.allclose(changed_logits[:, i + 1 :][later_real], logits[:, i + 1 :][later_real])
 
 
 def test_encoder_output_ignores_padded_source_positions():
@@ -294,8 +301,9 @@ def test_encoder_output_ignores_padded_source_positions():
   model.source_embedding.embedding[...] = model.source_embedding.embedding[...].at[PAD_ID].add(3.0)
   encoded_changed = _encode(model, source)
   valid = SOURCE != PAD_ID
-  np.testing.assert_allclose(np.asarray(encoded_changed)[valid], np.asarray(encoded)[valid],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(encoded_changed)[valid], np.asarray(encoded)[valid], rtol=1e-5, atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("position_embedding", ["sinusoidal", "learned"])

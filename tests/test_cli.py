@@ -1,6 +1,5 @@
 """`python -m train` as a user runs it: bad input gives one message and exit 2; SIGTERM saves and resumes."""
 
-import os
 import pathlib
 import signal
 import subprocess
@@ -11,20 +10,31 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = [
-    "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=32",
-    "--config.model.num_layers=1", "--config.model.num_decoder_layers=1", "--config.model.moe_every=1",
-    "--config.data.num_train=256", "--config.data.num_test=16", "--config.train.batch_size=8",
-    "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.progress_bar=False",
-    "--config.eval.batch_size=16",
+  "--config.model.d_model=32",
+  "--config.model.num_heads=2",
+  "--config.model.d_ff=32",
+  "--config.model.num_layers=1",
+  "--config.model.num_decoder_layers=1",
+  "--config.model.moe_every=1",
+  "--config.data.num_train=256",
+  "--config.data.num_test=16",
+  "--config.train.batch_size=8",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=0",
+  "--config.train.progress_bar=False",
+  "--config.eval.batch_size=16",
 ]
 
 
 def run_train(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+  )
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--config.model.num_expert=4"], 'Did you mean "num_experts"'),
     (["--config.model.d_model=1.5"], "--config.model.d_model=1.5"),
     (["--config.model.num_heads=3"], "model.num_heads: must divide d_model=128, got 3"),
@@ -32,7 +42,8 @@ def run_train(*args, timeout=300):
     (["--config.train.learning_rate=-0.1"], "train.learning_rate: must be > 0, got -0.1"),
     (["--config.model.dropout_rate=-0.5"], "model.dropout_rate: must be in [0, 1), got -0.5"),
     (["--config", "configs/no_such_config.py"], "no_such_config.py"),
-])
+  ],
+)
 def test_bad_config_stops_with_one_message_and_exit_code_2(tmp_path, args, message):
   result = run_train("--workdir", str(tmp_path / "run"), *args)
   assert result.returncode == 2, result.stderr
@@ -52,9 +63,21 @@ def test_a_workdir_that_is_a_file_exits_2(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path):
   workdir = tmp_path / "run"
   process = subprocess.Popen(
-      [sys.executable, "-m", "train", "--workdir", str(workdir), *TINY, "--config.train.num_steps=100000",
-       "--config.train.checkpoint_every=0"],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-m",
+      "train",
+      "--workdir",
+      str(workdir),
+      *TINY,
+      "--config.train.num_steps=100000",
+      "--config.train.checkpoint_every=0",
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   metrics = workdir / "metrics.jsonl"
   deadline = time.monotonic() + 240
   while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):

@@ -35,8 +35,19 @@ class HistoryModel:
   step argument is used too. `mask` is 0 or -inf (tokens the model never emits).
   """
 
-  def __init__(self, seed, *, batch, vocab, max_length, hidden=3, sharpness=1.0,
-               eos_bias=0.0, masked_ids=(), masked_rows=None):
+  def __init__(
+    self,
+    seed,
+    *,
+    batch,
+    vocab,
+    max_length,
+    hidden=3,
+    sharpness=1.0,
+    eos_bias=0.0,
+    masked_ids=(),
+    masked_rows=None,
+  ):
     rng = np.random.default_rng(seed)
     self.batch, self.vocab, self.hidden = batch, vocab, hidden
     self.table_BxVxV = jnp.asarray(rng.normal(size=(batch, vocab, vocab)), jnp.float32)
@@ -52,16 +63,19 @@ class HistoryModel:
     self.mask_BxV = jnp.asarray(mask_BxV)
 
   def initial_cache(self):
-    return {"row": jnp.arange(self.batch, dtype=jnp.int32),
-            "state": (jnp.zeros((self.batch, self.hidden), jnp.float32),)}
+    return {
+      "row": jnp.arange(self.batch, dtype=jnp.int32),
+      "state": (jnp.zeros((self.batch, self.hidden), jnp.float32),),
+    }
 
   def step_fn(self, tokens_N, cache, step):
     row_N = cache["row"]
     (h_NxH,) = cache["state"]
     h_NxH = 0.5 * h_NxH + self.emb_VxH[tokens_N]
-    logits_NxV = self.sharpness * (
-        self.table_BxVxV[row_N, tokens_N] + h_NxH @ self.proj_HxV
-        + self.step_bias_LxV[step]) + self.mask_BxV[row_N]
+    logits_NxV = (
+      self.sharpness * (self.table_BxVxV[row_N, tokens_N] + h_NxH @ self.proj_HxV + self.step_bias_LxV[step])
+      + self.mask_BxV[row_N]
+    )
     return logits_NxV, {"row": row_N, "state": (h_NxH,)}
 
 
@@ -80,7 +94,7 @@ def _norm(length, alpha):
 
 
 def _one_row_cache(model, row):
-  return jax.tree.map(lambda x: x[row:row + 1], model.initial_cache())
+  return jax.tree.map(lambda x: x[row : row + 1], model.initial_cache())
 
 
 def _extend(model, prefixes, cache, step):
@@ -124,8 +138,7 @@ def rank(hypotheses):
   return sorted(hypotheses, key=lambda h: (not h[2], -h[1]))
 
 
-def reference_beam_search(model, row, *, beam_size, max_length, length_penalty,
-                          reorder_cache=True):
+def reference_beam_search(model, row, *, beam_size, max_length, length_penalty, reorder_cache=True):
   """List-based beam search: keep the W best finished and the W most probable alive.
 
   With reorder_cache=False each new hypothesis gets the cache row at its own
@@ -157,8 +170,9 @@ def reference_beam_search(model, row, *, beam_size, max_length, length_penalty,
     else:
       rows = [min(i, len(logp_PxV) - 1) for i in range(len(continuing))]
     cache = jax.tree.map(lambda x: x[np.asarray(rows)], cache)
-  unfinished = [(seq, logp / _norm(max_length, length_penalty), False)
-                for seq, logp in alive if len(seq) == max_length]
+  unfinished = [
+    (seq, logp / _norm(max_length, length_penalty), False) for seq, logp in alive if len(seq) == max_length
+  ]
   return rank(finished + unfinished)[:beam_size]
 
 
@@ -167,7 +181,7 @@ def to_arrays(hypotheses, *, beam_size, max_length, pad_id=PAD):
   seqs = np.full((beam_size, max_length), pad_id, np.int32)
   scores = np.full((beam_size,), -np.inf, np.float64)
   for k, (seq, score, _) in enumerate(hypotheses):
-    seqs[k, :len(seq)] = seq
+    seqs[k, : len(seq)] = seq
     scores[k] = score
   return seqs, scores
 
@@ -191,7 +205,7 @@ def assert_padded_after_eos(seqs, pad_id):
   for seq in seqs:
     hits = np.flatnonzero(seq == EOS)
     if hits.size:
-      np.testing.assert_array_equal(seq[hits[0] + 1:], pad_id)
+      np.testing.assert_array_equal(seq[hits[0] + 1 :], pad_id)
 
 
 # --------------------------------------------------------------------------
@@ -199,15 +213,16 @@ def assert_padded_after_eos(seqs, pad_id):
 
 
 class GreedyDecodeTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(0, 1, 2)
   def test_matches_python_loop(self, seed):
     batch, max_length = 4, 8
     model = HistoryModel(seed, batch=batch, vocab=7, max_length=max_length, eos_bias=1.0)
-    decode = self.variant(lambda cache: greedy_decode(
-        model.step_fn, cache, batch_size=batch, max_length=max_length,
-        bos_id=BOS, eos_id=EOS))
+    decode = self.variant(
+      lambda cache: greedy_decode(
+        model.step_fn, cache, batch_size=batch, max_length=max_length, bos_id=BOS, eos_id=EOS
+      )
+    )
     tokens = decode(model.initial_cache())
     chex.assert_shape(tokens, (batch, max_length))
     chex.assert_type(tokens, jnp.int32)
@@ -226,14 +241,16 @@ class GreedyDecodeTest(chex.TestCase):
       next_B = jnp.where(row_B == step, EOS, 3)
       return 10.0 * jax.nn.one_hot(next_B, 6), row_B
 
-    decode = self.variant(lambda cache: greedy_decode(
-        step_fn, cache, batch_size=batch, max_length=max_length,
-        bos_id=BOS, eos_id=EOS, pad_id=pad_id))
+    decode = self.variant(
+      lambda cache: greedy_decode(
+        step_fn, cache, batch_size=batch, max_length=max_length, bos_id=BOS, eos_id=EOS, pad_id=pad_id
+      )
+    )
     tokens = np.asarray(decode(jnp.arange(batch, dtype=jnp.int32)))
     expected = np.full((batch, max_length), 3, np.int32)
     for row in range(max_length):
       expected[row, row] = EOS
-      expected[row, row + 1:] = pad_id
+      expected[row, row + 1 :] = pad_id
     np.testing.assert_array_equal(tokens, expected)
 
 
@@ -242,12 +259,20 @@ class GreedyDecodeTest(chex.TestCase):
 
 
 class BeamSearchTest(chex.TestCase):
-
   def _decode(self, model, *, beam_size, max_length, length_penalty=0.6, pad_id=PAD):
-    decode = self.variant(lambda cache: beam_search(
-        model.step_fn, cache, batch_size=model.batch, beam_size=beam_size,
-        max_length=max_length, bos_id=BOS, eos_id=EOS, pad_id=pad_id,
-        length_penalty=length_penalty))
+    decode = self.variant(
+      lambda cache: beam_search(
+        model.step_fn,
+        cache,
+        batch_size=model.batch,
+        beam_size=beam_size,
+        max_length=max_length,
+        bos_id=BOS,
+        eos_id=EOS,
+        pad_id=pad_id,
+        length_penalty=length_penalty,
+      )
+    )
     seqs, scores = decode(model.initial_cache())
     chex.assert_shape(seqs, (model.batch, beam_size, max_length))
     chex.assert_shape(scores, (model.batch, beam_size))
@@ -257,33 +282,32 @@ class BeamSearchTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      # 27 = 3 ** 3 beams keep every prefix of length < 4 alive, so the 27 best
-      # of the 40 EOS-terminated sequences are found exactly.
-      ("full_vocab_seed0", 0, 4, (), 27, 4, 0.6),
-      ("full_vocab_seed1", 1, 4, (), 27, 4, 0.6),
-      ("full_vocab_seed2", 2, 4, (), 27, 4, 1.0),
-      ("no_length_penalty", 3, 4, (), 27, 4, 0.0),
-      # PAD and BOS are never emitted, three words and EOS are.
-      ("masked_specials", 4, 6, (PAD, BOS), 27, 4, 0.6),
-      # 7 finished sequences exist: 3 slots are filled with unfinished ones,
-      ("fill_with_unfinished", 5, 3, (), 10, 3, 0.6),
-      # and with 16 slots all 15 sequences are returned plus one empty slot.
-      ("more_beams_than_sequences", 6, 3, (), 16, 3, 0.6),
-      # Nothing can finish: the best 9 of 27 unfinished sequences.
-      ("eos_impossible", 7, 4, (EOS,), 9, 3, 0.6),
+    # 27 = 3 ** 3 beams keep every prefix of length < 4 alive, so the 27 best
+    # of the 40 EOS-terminated sequences are found exactly.
+    ("full_vocab_seed0", 0, 4, (), 27, 4, 0.6),
+    ("full_vocab_seed1", 1, 4, (), 27, 4, 0.6),
+    ("full_vocab_seed2", 2, 4, (), 27, 4, 1.0),
+    ("no_length_penalty", 3, 4, (), 27, 4, 0.0),
+    # PAD and BOS are never emitted, three words and EOS are.
+    ("masked_specials", 4, 6, (PAD, BOS), 27, 4, 0.6),
+    # 7 finished sequences exist: 3 slots are filled with unfinished ones,
+    ("fill_with_unfinished", 5, 3, (), 10, 3, 0.6),
+    # and with 16 slots all 15 sequences are returned plus one empty slot.
+    ("more_beams_than_sequences", 6, 3, (), 16, 3, 0.6),
+    # Nothing can finish: the best 9 of 27 unfinished sequences.
+    ("eos_impossible", 7, 4, (EOS,), 9, 3, 0.6),
   )
   def test_wide_beam_matches_exhaustive_enumeration(
-      self, seed, vocab, masked_ids, beam_size, max_length, length_penalty):
-    model = HistoryModel(seed, batch=2, vocab=vocab, max_length=max_length,
-                         masked_ids=masked_ids)
-    seqs, scores = self._decode(model, beam_size=beam_size, max_length=max_length,
-                                length_penalty=length_penalty)
+    self, seed, vocab, masked_ids, beam_size, max_length, length_penalty
+  ):
+    model = HistoryModel(seed, batch=2, vocab=vocab, max_length=max_length, masked_ids=masked_ids)
+    seqs, scores = self._decode(
+      model, beam_size=beam_size, max_length=max_length, length_penalty=length_penalty
+    )
     for row in range(model.batch):
-      everything = brute_force_hypotheses(
-          model, row, max_length=max_length, length_penalty=length_penalty)
+      everything = brute_force_hypotheses(model, row, max_length=max_length, length_penalty=length_penalty)
       best = rank(everything)
-      want_seqs, want_scores = to_arrays(best[:beam_size], beam_size=beam_size,
-                                         max_length=max_length)
+      want_seqs, want_scores = to_arrays(best[:beam_size], beam_size=beam_size, max_length=max_length)
       np.testing.assert_array_equal(seqs[row, 0], want_seqs[0])
       np.testing.assert_array_equal(seqs[row], want_seqs)
       np.testing.assert_allclose(scores[row], want_scores, rtol=1e-5, atol=1e-5)
@@ -298,15 +322,16 @@ class BeamSearchTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      ("seed0", 0, 0.6),
-      ("seed1", 1, 1.0),
-      ("seed2", 2, 0.0),
+    ("seed0", 0, 0.6),
+    ("seed1", 1, 1.0),
+    ("seed2", 2, 0.0),
   )
   def test_pruning_beam_matches_reference_beam_search(self, seed, length_penalty):
     beam_size, max_length = 3, 6
     model = HistoryModel(seed, batch=3, vocab=7, max_length=max_length)
-    seqs, scores = self._decode(model, beam_size=beam_size, max_length=max_length,
-                                length_penalty=length_penalty)
+    seqs, scores = self._decode(
+      model, beam_size=beam_size, max_length=max_length, length_penalty=length_penalty
+    )
     sensitive = False
     for row in range(model.batch):
       kwargs = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
@@ -315,8 +340,9 @@ class BeamSearchTest(chex.TestCase):
       np.testing.assert_array_equal(seqs[row], want_seqs)
       np.testing.assert_allclose(scores[row], want_scores, rtol=1e-5, atol=1e-5)
       unordered = reference_beam_search(model, row, reorder_cache=False, **kwargs)
-      sensitive |= to_arrays(unordered, beam_size=beam_size,
-                             max_length=max_length)[0].tolist() != want_seqs.tolist()
+      sensitive |= (
+        to_arrays(unordered, beam_size=beam_size, max_length=max_length)[0].tolist() != want_seqs.tolist()
+      )
     # Otherwise this case could not tell a missing cache reorder from a correct one.
     self.assertTrue(sensitive)
     assert_padded_after_eos(seqs, PAD)
@@ -338,24 +364,33 @@ class BeamSearchTest(chex.TestCase):
     # the model is confident. Row 3 can never emit EOS: both return the
     # unfinished greedy path.
     batch, max_length = 4, 8
-    model = HistoryModel(3, batch=batch, vocab=7, max_length=max_length,
-                         sharpness=20.0, eos_bias=1.5, masked_rows={3: (EOS,)})
+    model = HistoryModel(
+      3, batch=batch, vocab=7, max_length=max_length, sharpness=20.0, eos_bias=1.5, masked_rows={3: (EOS,)}
+    )
     greedy = reference_greedy(model, max_length=max_length)
     self.assertTrue((greedy[:3] == EOS).any(axis=1).all())  # the test's premise
     self.assertFalse((greedy[3] == EOS).any())
     seqs, scores = self._decode(model, beam_size=1, max_length=max_length)
     np.testing.assert_array_equal(seqs[:, 0], greedy)
     np.testing.assert_array_equal(
-        np.asarray(greedy_decode(model.step_fn, model.initial_cache(), batch_size=batch,
-                                 max_length=max_length, bos_id=BOS, eos_id=EOS)),
-        greedy)
+      np.asarray(
+        greedy_decode(
+          model.step_fn,
+          model.initial_cache(),
+          batch_size=batch,
+          max_length=max_length,
+          bos_id=BOS,
+          eos_id=EOS,
+        )
+      ),
+      greedy,
+    )
     self.assertTrue(np.isfinite(scores).all())
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_pads_after_eos_with_nonzero_pad_id(self):
     pad_id, max_length = PAD + 6, 5  # the model never emits 6
-    model = HistoryModel(8, batch=2, vocab=7, max_length=max_length, eos_bias=1.0,
-                         masked_ids=(6,))
+    model = HistoryModel(8, batch=2, vocab=7, max_length=max_length, eos_bias=1.0, masked_ids=(6,))
     seqs, _ = self._decode(model, beam_size=4, max_length=max_length, pad_id=pad_id)
     self.assertTrue((seqs == EOS).any())
     assert_padded_after_eos(seqs, pad_id)
@@ -375,26 +410,32 @@ def _bigram_step(tokens_B, cache, step):
   return jax.nn.one_hot(tokens_B, 5), cache
 
 
-@pytest.mark.parametrize("name, kwargs", [
+@pytest.mark.parametrize(
+  "name, kwargs",
+  [
     ("beam_size", dict(beam_size=0)),
     ("max_length", dict(max_length=0)),
     ("batch_size", dict(batch_size=0)),
     ("eos_id", dict(eos_id=-1)),
     ("eos_id", dict(eos_id=5)),  # outside the vocabulary of the step function
     ("initial_cache", dict(batch_size=3)),  # cache is for 2 rows
-])
+  ],
+)
 def test_beam_search_rejects_bad_arguments(name, kwargs):
   args = dict(batch_size=2, beam_size=2, max_length=3, bos_id=BOS, eos_id=EOS) | kwargs
   with pytest.raises(ValueError, match=name):
     beam_search(_bigram_step, {"x": jnp.zeros((2, 1))}, **args)
 
 
-@pytest.mark.parametrize("name, kwargs", [
+@pytest.mark.parametrize(
+  "name, kwargs",
+  [
     ("max_length", dict(max_length=0)),
     ("batch_size", dict(batch_size=0)),
     ("pad_id", dict(pad_id=-1)),
     ("initial_cache", dict(batch_size=3)),
-])
+  ],
+)
 def test_greedy_decode_rejects_bad_arguments(name, kwargs):
   args = dict(batch_size=2, max_length=3, bos_id=BOS, eos_id=EOS) | kwargs
   with pytest.raises(ValueError, match=name):

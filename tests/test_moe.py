@@ -22,12 +22,12 @@ from flax import nnx
 
 from tmoe_jax.config import MoEConfig
 from tmoe_jax.moe import (
-    assign_slots,
-    combine_outputs,
-    dispatch_tokens,
-    load_balancing_loss,
-    router_z_loss,
-    top_k_route,
+  assign_slots,
+  combine_outputs,
+  dispatch_tokens,
+  load_balancing_loss,
+  router_z_loss,
+  top_k_route,
 )
 from tmoe_jax.moe.layer import MoEFeedForward
 
@@ -90,8 +90,9 @@ def reference_assign(indices_TxK, num_experts, capacity, mask_T=None):
   return slot, kept
 
 
-def gshard_dispatch_combine(x_TxD, indices_TxK, gates_TxK, slot_TxK, kept_TxK, num_experts, capacity,
-                            expert_fn):
+def gshard_dispatch_combine(
+  x_TxD, indices_TxK, gates_TxK, slot_TxK, kept_TxK, num_experts, capacity, expert_fn
+):
   """The one-hot GShard formulation: dispatch/combine tensors [T, E, C] and two einsums."""
   num_tokens = x_TxD.shape[0]
   dispatch = np.zeros((num_tokens, num_experts, capacity))
@@ -120,7 +121,6 @@ def _random_routing(rng, num_tokens, num_experts, top_k):
 
 
 class RoutingAndLossTest(chex.TestCase, parameterized.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(1, 2, 3)
   def test_top_k_route_gates_are_top_k_of_softmax(self, top_k):
@@ -233,10 +233,10 @@ class RoutingAndLossTest(chex.TestCase, parameterized.TestCase):
 
 
 class DispatchTest(chex.TestCase, parameterized.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      ("tight_k1", 1, 2), ("tight_k2", 2, 3), ("ample_k2", 2, 12), ("ample_k3", 3, 12), ("one_slot", 2, 1))
+    ("tight_k1", 1, 2), ("tight_k2", 2, 3), ("ample_k3", 3, 12), ("one_slot", 2, 1)
+  )
   def test_dispatch_combine_matches_loop_and_gshard_einsum(self, top_k, capacity):
     """Kept masks and slots equal the choice-major loop; buffers and outputs equal the one-hot einsums."""
     rng = np.random.default_rng(top_k * 100 + capacity)
@@ -261,8 +261,9 @@ class DispatchTest(chex.TestCase, parameterized.TestCase):
     ref_slot, ref_kept = reference_assign(indices, num_experts, capacity)
     np.testing.assert_array_equal(np.asarray(slots.kept_TxK), ref_kept)
     np.testing.assert_array_equal(np.asarray(slots.slot_TxK), ref_slot)
-    ref_buffer, ref_out = gshard_dispatch_combine(x, indices, gates, ref_slot, ref_kept, num_experts, capacity,
-                                                  expert_fn)
+    ref_buffer, ref_out = gshard_dispatch_combine(
+      x, indices, gates, ref_slot, ref_kept, num_experts, capacity, expert_fn
+    )
     chex.assert_shape(buffer, (num_experts, capacity, d_model))
     chex.assert_shape(out, (num_tokens, d_model))
     np.testing.assert_allclose(np.asarray(buffer), ref_buffer, rtol=1e-6, atol=1e-6)
@@ -297,10 +298,21 @@ class DispatchTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(out)[~mask], 0.0)
 
 
-@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+@jax.jit(static_argnums=(2, 3))
+def _permute_unpermute(x_TxD, indices_TxK, num_experts, capacity, gates_TxK):
+  slots = assign_slots(indices_TxK, num_experts, capacity)
+  buffer = dispatch_tokens(x_TxD, slots, num_experts, capacity)
+  return slots.kept_TxK, combine_outputs(buffer, slots, gates_TxK)
+
+
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
 @hypothesis.given(
-    num_tokens=st.integers(1, 9), num_experts=st.integers(1, 5), top_k=st.integers(1, 5),
-    d_model=st.integers(1, 4), seed=st.integers(0, 2**16))
+  num_tokens=st.integers(1, 9),
+  num_experts=st.integers(1, 5),
+  top_k=st.integers(1, 5),
+  d_model=st.integers(1, 4),
+  seed=st.integers(0, 2**16),
+)
 def test_unpermute_permute_is_identity_with_ample_capacity(num_tokens, num_experts, top_k, d_model, seed):
   """Identity experts, capacity = tokens and gates summing to 1: combine(dispatch(x)) == x."""
   top_k = min(top_k, num_experts)
@@ -308,10 +320,10 @@ def test_unpermute_permute_is_identity_with_ample_capacity(num_tokens, num_exper
   indices, _ = _random_routing(rng, num_tokens, num_experts, top_k)
   gates = _softmax(rng.normal(size=(num_tokens, top_k))).astype(np.float32)
   x = rng.normal(size=(num_tokens, d_model)).astype(np.float32)
-  slots = assign_slots(jnp.asarray(indices), num_experts, num_tokens)
-  assert bool(slots.kept_TxK.all())
-  buffer = dispatch_tokens(jnp.asarray(x), slots, num_experts, num_tokens)
-  out = combine_outputs(buffer, slots, jnp.asarray(gates))
+  kept, out = _permute_unpermute(
+    jnp.asarray(x), jnp.asarray(indices), num_experts, num_tokens, jnp.asarray(gates)
+  )
+  assert bool(kept.all())
   chex.assert_trees_all_close(out, jnp.asarray(x), rtol=1e-5, atol=1e-5)
 
 
@@ -320,15 +332,30 @@ def test_unpermute_permute_is_identity_with_ample_capacity(num_tokens, num_exper
 
 
 def _moe(num_experts, top_k, *, d_model=6, d_ff=8, seed=0, **kwargs):
-  """A layer with random (nonzero) biases and a router strong enough to route decisively."""
-  layer = MoEFeedForward(MoEConfig(num_experts=num_experts, top_k=top_k, d_model=d_model, d_ff=d_ff, **kwargs),
-                         rngs=nnx.Rngs(seed))
+  """A layer built from MoEConfig with random NumPy parameters (nonzero biases, decisive router).
+
+  The module is constructed abstractly (nnx.eval_shape) and its parameters
+  filled in afterwards: concrete initialisation compiles an initializer per
+  shape, which costs seconds per configuration on CPU and tests nothing here
+  (`test_moe_layer_shapes` covers the real initialisation).
+  """
+  config = MoEConfig(num_experts=num_experts, top_k=top_k, d_model=d_model, d_ff=d_ff, **kwargs)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MoEFeedForward(config, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(seed)
-  experts = layer.experts
-  experts.b_in_ExF[...] = jnp.asarray(rng.normal(size=experts.b_in_ExF.shape) * 0.5, jnp.float32)
-  experts.b_out_ExD[...] = jnp.asarray(rng.normal(size=experts.b_out_ExD.shape) * 0.5, jnp.float32)
-  layer.router.kernel[...] = jnp.asarray(rng.normal(size=layer.router.kernel.shape), jnp.float32)
-  return layer
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    scale = (
+      d_model**-0.5 if "w_in" in name else d_ff**-0.5 if "w_out" in name else 1.0 if "router" in name else 0.5
+    )
+    return jnp.asarray(rng.normal(size=leaf.shape) * scale, leaf.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, abstract))
+
+
+@nnx.jit(static_argnames="deterministic")
+def _apply(layer, x, mask, *, deterministic=True):
+  return layer(x, mask, deterministic=deterministic)
 
 
 def _expert_np(layer, e, x_D):
@@ -346,7 +373,7 @@ def reference_moe(layer, x_BxLxD, mask_BxL, capacity):
   x_TxD = np.asarray(x_BxLxD, np.float64).reshape(-1, config.d_model)
   mask_T = None if mask_BxL is None else np.asarray(mask_BxL).reshape(-1)
   probs = _softmax(x_TxD @ np.asarray(layer.router.kernel[...], np.float64))
-  indices = np.argsort(-probs, axis=-1, kind="stable")[:, :config.top_k]
+  indices = np.argsort(-probs, axis=-1, kind="stable")[:, : config.top_k]
   gates = np.take_along_axis(probs, indices, axis=-1)
   if config.normalize_gates and config.top_k > 1:
     gates = gates / gates.sum(axis=-1, keepdims=True)
@@ -362,21 +389,31 @@ def reference_moe(layer, x_BxLxD, mask_BxL, capacity):
 
 
 def test_moe_layer_shapes():
-  """Output is [B, L, D]; the aux losses are scalars and expert_fraction_E is [E] summing to 1."""
-  layer = _moe(4, 2)
+  """Really initialised layer: output [B, L, D]; aux scalars; expert_fraction_E [E] summing to 1.
+
+  Also checks the parameter shapes the experts are documented to have.
+  """
+  layer = MoEFeedForward(MoEConfig(num_experts=4, top_k=2, d_model=6, d_ff=8), rngs=nnx.Rngs(0))
+  chex.assert_shape(layer.router.kernel[...], (6, 4))
+  chex.assert_shape(layer.experts.w_in_ExDxF[...], (4, 6, 8))
+  chex.assert_shape(layer.experts.w_out_ExFxD[...], (4, 8, 6))
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 6)), jnp.float32)
-  y, aux = layer(x)
+  y, aux = _apply(layer, x, None)
   chex.assert_shape(y, (2, 3, 6))
-  chex.assert_shape([aux.load_balancing_loss, aux.router_z_loss, aux.dropped_fraction, aux.router_entropy], ())
+  assert y.dtype == jnp.float32
+  chex.assert_shape(
+    [aux.load_balancing_loss, aux.router_z_loss, aux.dropped_fraction, aux.router_entropy], ()
+  )
   chex.assert_shape(aux.expert_fraction_E, (4,))
   np.testing.assert_allclose(float(aux.expert_fraction_E.sum()), 1.0, rtol=1e-6)
+  assert 0.0 <= float(aux.router_entropy) <= math.log(4) + 1e-6
 
 
 def test_single_expert_layer_is_dense_mlp():
   """E=1, k=1 with ample capacity: the gate is 1.0 and the layer is the expert's dense MLP."""
   layer = _moe(1, 1, seed=1)
   x = np.random.default_rng(1).normal(size=(2, 4, 6)).astype(np.float32)
-  y, aux = layer(jnp.asarray(x))
+  y, aux = _apply(layer, jnp.asarray(x), None)
   w_in, b_in = layer.experts.w_in_ExDxF[...][0], layer.experts.b_in_ExF[...][0]
   w_out, b_out = layer.experts.w_out_ExFxD[...][0], layer.experts.b_out_ExD[...][0]
   dense = jax.nn.relu(x @ w_in + b_in) @ w_out + b_out
@@ -385,44 +422,42 @@ def test_single_expert_layer_is_dense_mlp():
 
 
 @pytest.mark.parametrize(
-    "num_experts,top_k,normalize_gates,deterministic,capacity_factor",
-    [
-        (4, 2, True, True, 1.25),  # eval capacity (factor 2.0): no drops
-        (4, 2, True, False, 0.5),  # tight training capacity: drops
-        (4, 2, False, False, 1.0),
-        (3, 1, True, False, 0.75),
-        (5, 3, True, True, 1.25),
-    ],
+  "num_experts,top_k,normalize_gates,deterministic,capacity_factor",
+  [
+    (4, 2, True, True, 1.25),  # eval capacity (factor 2.0): no drops
+    (4, 2, True, False, 0.5),  # tight training capacity: drops
+    (4, 2, False, False, 1.0),
+    (3, 1, True, False, 0.75),
+    (5, 3, True, True, 1.25),
+  ],
 )
-def test_moe_layer_matches_per_token_reference(num_experts, top_k, normalize_gates, deterministic,
-                                               capacity_factor):
+def test_moe_layer_matches_per_token_reference(
+  num_experts, top_k, normalize_gates, deterministic, capacity_factor
+):
   """The layer output equals a per-token loop over kept top-k experts of gate * expert(x).
 
   Covers ample and tight capacity (train vs eval factor), a padding mask, and
   the aux losses / dropped fraction computed from the same reference routing.
   """
-  layer = _moe(num_experts, top_k, seed=num_experts + top_k, normalize_gates=normalize_gates,
-               capacity_factor=capacity_factor)
+  layer = _moe(
+    num_experts,
+    top_k,
+    seed=num_experts + top_k,
+    normalize_gates=normalize_gates,
+    capacity_factor=capacity_factor,
+  )
   rng = np.random.default_rng(7)
   x = rng.normal(size=(2, 5, 6)).astype(np.float32)
   mask = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], bool)
-  y, aux = layer(jnp.asarray(x), jnp.asarray(mask), deterministic=deterministic)
+  y, aux = _apply(layer, jnp.asarray(x), jnp.asarray(mask), deterministic=deterministic)
   capacity = layer.config.capacity(10, training=not deterministic)
   expected, probs, indices, dropped = reference_moe(layer, x, mask, capacity)
   chex.assert_trees_all_close(y, expected.astype(np.float32), rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(y)[~mask], 0.0)
   np.testing.assert_allclose(float(aux.dropped_fraction), dropped, rtol=1e-6)
-  np.testing.assert_allclose(float(aux.load_balancing_loss),
-                             reference_load_balancing_loss(probs, indices, mask.reshape(-1)), rtol=1e-4)
-
-
-def test_moe_layer_jit_matches_eager():
-  """Under nnx.jit the layer computes the same output and aux as eagerly."""
-  layer = _moe(4, 2, seed=3)
-  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 3, 6)), jnp.float32)
-  eager = layer(x, deterministic=False)
-  jitted = nnx.jit(lambda m, x: m(x, deterministic=False))(layer, x)
-  chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    float(aux.load_balancing_loss), reference_load_balancing_loss(probs, indices, mask.reshape(-1)), rtol=1e-4
+  )
 
 
 @pytest.mark.parametrize("num_experts,top_k", [(4, 2), (4, 1)])
@@ -437,7 +472,7 @@ def test_gradients_reach_the_router(num_experts, top_k):
     y, _ = model(x)
     return jnp.sum(y * target)
 
-  grads = nnx.grad(loss_fn)(layer)
+  grads = nnx.jit(nnx.grad(loss_fn))(layer)
   router_grad = np.asarray(grads["router"]["kernel"][...])
   chex.assert_shape(router_grad, (6, num_experts))
   assert np.all(np.isfinite(router_grad))
@@ -454,8 +489,9 @@ def test_gradients_reach_the_router(num_experts, top_k):
 @pytest.mark.parametrize("num_tokens", [1, 2, 7, 16, 100])
 def test_capacity_formula(num_experts, top_k, num_tokens):
   """capacity = ceil(factor * tokens * k / E) clipped to [1, tokens]; train and eval factors differ."""
-  config = MoEConfig(num_experts=num_experts, top_k=top_k, d_model=4, d_ff=4, capacity_factor=1.25,
-                     eval_capacity_factor=2.0)
+  config = MoEConfig(
+    num_experts=num_experts, top_k=top_k, d_model=4, d_ff=4, capacity_factor=1.25, eval_capacity_factor=2.0
+  )
   for training, factor in ((True, 1.25), (False, 2.0)):
     # Exact rational arithmetic: 1.25 = 5/4, 2.0 = 2.
     numerator = (5 if training else 8) * num_tokens * top_k
@@ -466,16 +502,13 @@ def test_capacity_formula(num_experts, top_k, num_tokens):
 
 def test_capacity_clips_to_one_and_to_tokens():
   """A tiny factor still gives one slot; a huge one never exceeds the token count."""
-  config = MoEConfig(num_experts=8, top_k=1, d_model=4, d_ff=4, capacity_factor=0.01,
-                     eval_capacity_factor=100.0)
+  config = MoEConfig(
+    num_experts=8, top_k=1, d_model=4, d_ff=4, capacity_factor=0.01, eval_capacity_factor=100.0
+  )
   assert config.capacity(10, training=True) == 1
   assert config.capacity(10, training=False) == 10
 
 
-@pytest.mark.xfail(
-    reason="MoEConfig.capacity evaluates ceil(factor * tokens * k / E) in binary floating point: "
-           "1.1 * 90 / 3 = 33.000000000000004 rounds up to 34 instead of 33 (one extra slot).",
-    strict=True)
 def test_capacity_is_exact_for_decimal_factors():
   """ceil(1.1 * 90 * 1 / 3) is exactly 33; the documented formula should not gain a slot from rounding."""
   config = MoEConfig(num_experts=3, top_k=1, d_model=4, d_ff=4, capacity_factor=1.1)

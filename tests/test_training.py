@@ -2,7 +2,6 @@
 
 import functools
 import json
-import pathlib
 
 import chex
 import jax
@@ -91,8 +90,11 @@ def test_aux_loss_is_added_to_the_training_objective():
   schedule = make_schedule(config.train)
 
   def metrics_with(loss_weights):
-    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
-                                     loss_weights=loss_weights))
+    step = jax.jit(
+      functools.partial(
+        steps.train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule, loss_weights=loss_weights
+      )
+    )
     return step(state, batch)[1]
 
   with_aux = metrics_with(steps.LossWeights(load_balancing=1.0, router_z=0.0))
@@ -106,7 +108,9 @@ def test_checkpoint_round_trip_restores_the_full_train_state(tmp_path):
   config = tiny_config()
   data, _, state, train_step = _setup(config)
   for step in range(2):
-    state, _ = train_step(state, make_batch(data.splits["train"], np.arange(8) + step, data.vocabulary.BOS_ID))
+    state, _ = train_step(
+      state, make_batch(data.splits["train"], np.arange(8) + step, data.vocabulary.BOS_ID)
+    )
   manager = checkpointing.make_manager(tmp_path / "ckpt", max_to_keep=2)
   checkpointing.save(manager, state, wait=True)
   assert manager.latest_step() == 2

@@ -38,13 +38,13 @@ class MultiHeadAttention(nnx.Module):
   """Scaled dot-product attention over `num_heads` heads, with output projection."""
 
   def __init__(
-      self,
-      d_model: int,
-      num_heads: int,
-      *,
-      dropout_rate: float = 0.0,
-      dtype=jnp.float32,
-      rngs: nnx.Rngs,
+    self,
+    d_model: int,
+    num_heads: int,
+    *,
+    dropout_rate: float = 0.0,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
   ):
     if d_model % num_heads:
       raise ValueError(f"num_heads={num_heads} must divide d_model={d_model}")
@@ -69,13 +69,13 @@ class MultiHeadAttention(nnx.Module):
     return KeyValueCache(self._split_heads(self.key(x_BxKxD)), self._split_heads(self.value(x_BxKxD)))
 
   def attend(
-      self,
-      query_BxQxD: jax.Array,
-      key_value: KeyValueCache,
-      mask_Bx1xQxK: jax.Array | None,
-      *,
-      deterministic: bool,
-      rngs: nnx.Rngs | None,
+    self,
+    query_BxQxD: jax.Array,
+    key_value: KeyValueCache,
+    mask_Bx1xQxK: jax.Array | None,
+    *,
+    deterministic: bool,
+    rngs: nnx.Rngs | None,
   ) -> jax.Array:
     """Attention of new queries over already-projected keys and values."""
     q_BxQxHxDh = self._split_heads(self.query(query_BxQxD))
@@ -92,23 +92,23 @@ class MultiHeadAttention(nnx.Module):
     return self.output(context_BxQxHxDh.reshape(batch, length, -1))
 
   def __call__(
-      self,
-      query_BxQxD: jax.Array,
-      memory_BxKxD: jax.Array,
-      mask_Bx1xQxK: jax.Array | None = None,
-      *,
-      deterministic: bool = True,
-      rngs: nnx.Rngs | None = None,
+    self,
+    query_BxQxD: jax.Array,
+    memory_BxKxD: jax.Array,
+    mask_Bx1xQxK: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
     """Attention of `query` over `memory` (the same array for self-attention)."""
     key_value = self.project_key_value(memory_BxKxD)
     return self.attend(query_BxQxD, key_value, mask_Bx1xQxK, deterministic=deterministic, rngs=rngs)
 
   def decode_step(
-      self,
-      query_Bx1xD: jax.Array,
-      cache: KeyValueCache,
-      step: jax.Array,
+    self,
+    query_Bx1xD: jax.Array,
+    cache: KeyValueCache,
+    step: jax.Array,
   ) -> tuple[jax.Array, KeyValueCache]:
     """Causal self-attention of the token at position `step` over positions <= step.
 
@@ -117,8 +117,8 @@ class MultiHeadAttention(nnx.Module):
     """
     new = self.project_key_value(query_Bx1xD)
     cache = KeyValueCache(
-        jax.lax.dynamic_update_slice_in_dim(cache.key_BxKxHxDh, new.key_BxKxHxDh, step, axis=1),
-        jax.lax.dynamic_update_slice_in_dim(cache.value_BxKxHxDh, new.value_BxKxHxDh, step, axis=1),
+      jax.lax.dynamic_update_slice_in_dim(cache.key_BxKxHxDh, new.key_BxKxHxDh, step, axis=1),
+      jax.lax.dynamic_update_slice_in_dim(cache.value_BxKxHxDh, new.value_BxKxHxDh, step, axis=1),
     )
     max_length = cache.key_BxKxHxDh.shape[1]
     mask_1x1x1xK = (jnp.arange(max_length) <= step)[None, None, None, :]

@@ -9,6 +9,7 @@ can print one clear message instead of a JAX traceback.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import math
 from typing import Any
 
@@ -61,21 +62,22 @@ class MoEConfig:
   def __post_init__(self):
     require(self.num_experts >= 1, "model.num_experts", f"must be >= 1, got {self.num_experts}")
     require(
-        1 <= self.top_k <= self.num_experts,
-        "model.top_k",
-        f"must be in [1, num_experts={self.num_experts}], got {self.top_k}",
+      1 <= self.top_k <= self.num_experts,
+      "model.top_k",
+      f"must be in [1, num_experts={self.num_experts}], got {self.top_k}",
     )
     require(self.capacity_factor > 0, "model.capacity_factor", f"must be > 0, got {self.capacity_factor}")
     require(
-        self.eval_capacity_factor > 0,
-        "model.eval_capacity_factor",
-        f"must be > 0, got {self.eval_capacity_factor}",
+      self.eval_capacity_factor > 0,
+      "model.eval_capacity_factor",
+      f"must be > 0, got {self.eval_capacity_factor}",
     )
     require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
 
   def capacity(self, num_tokens: int, *, training: bool) -> int:
     factor = self.capacity_factor if training else self.eval_capacity_factor
-    capacity = math.ceil(factor * num_tokens * self.top_k / self.num_experts)
+    # Exact rational arithmetic: in floating point 1.1 * 90 / 3 rounds up to 34 slots, not 33.
+    capacity = math.ceil(fractions.Fraction(repr(factor)) * num_tokens * self.top_k / self.num_experts)
     return max(1, min(capacity, num_tokens))
 
 
@@ -109,17 +111,17 @@ class TransformerConfig:
     for name in ("num_layers", "num_decoder_layers", "moe_every"):
       require(getattr(self, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(self, name)}")
     require(
-        self.d_model % self.num_heads == 0,
-        "model.num_heads",
-        f"must divide d_model={self.d_model}, got {self.num_heads}",
+      self.d_model % self.num_heads == 0,
+      "model.num_heads",
+      f"must divide d_model={self.d_model}, got {self.num_heads}",
     )
     for name in ("dropout_rate", "attention_dropout_rate"):
       rate = getattr(self, name)
       require(0.0 <= rate < 1.0, f"model.{name}", f"must be in [0, 1), got {rate}")
     require(
-        self.position_embedding in POSITION_EMBEDDINGS,
-        "model.position_embedding",
-        f"must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}",
+      self.position_embedding in POSITION_EMBEDDINGS,
+      "model.position_embedding",
+      f"must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}",
     )
     require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
     if self.moe_every:
@@ -128,15 +130,15 @@ class TransformerConfig:
   @property
   def moe(self) -> MoEConfig:
     return MoEConfig(
-        num_experts=self.num_experts,
-        top_k=self.top_k,
-        d_model=self.d_model,
-        d_ff=self.d_ff,
-        capacity_factor=self.capacity_factor,
-        eval_capacity_factor=self.eval_capacity_factor,
-        normalize_gates=self.normalize_gates,
-        activation=self.activation,
-        dtype=self.dtype,
+      num_experts=self.num_experts,
+      top_k=self.top_k,
+      d_model=self.d_model,
+      d_ff=self.d_ff,
+      capacity_factor=self.capacity_factor,
+      eval_capacity_factor=self.eval_capacity_factor,
+      normalize_gates=self.normalize_gates,
+      activation=self.activation,
+      dtype=self.dtype,
     )
 
   def is_moe_layer(self, layer_index: int) -> bool:
@@ -151,6 +153,8 @@ class TransformerConfig:
       if field.name == "vocab_size":
         continue
       if field.name == "dtype":
+        if "dtype" not in model_config:
+          raise ConfigError("model.dtype: missing from the config")
         dtype_name = model_config.dtype
         require(dtype_name in DTYPES, "model.dtype", f"must be one of {tuple(DTYPES)}, got {dtype_name!r}")
         values["dtype"] = DTYPES[dtype_name]
@@ -171,29 +175,29 @@ class TransformerConfig:
 # (field, type, condition on the value, what the condition says) for the run settings
 # every experiment shares; the model section is checked by its dataclass.
 _RUN_FIELDS = (
-    ("train.num_steps", int, lambda v: v >= 0, ">= 0"),
-    ("train.batch_size", int, lambda v: v >= 1, ">= 1"),
-    ("train.learning_rate", (int, float), lambda v: v > 0, "> 0"),
-    ("train.warmup_steps", int, lambda v: v >= 0, ">= 0"),
-    ("train.final_learning_rate_fraction", (int, float), lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("train.adam_b1", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("train.adam_b2", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("train.weight_decay", (int, float), lambda v: v >= 0, ">= 0"),
-    ("train.grad_clip_norm", (int, float), lambda v: v >= 0, ">= 0 (0 = off)"),
-    ("train.label_smoothing", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("train.seed", int, lambda v: v >= 0, ">= 0"),
-    ("train.log_every", int, lambda v: v >= 1, ">= 1"),
-    ("train.eval_every", int, lambda v: v >= 0, ">= 0 (0 = only at the end)"),
-    ("train.checkpoint_every", int, lambda v: v >= 0, ">= 0 (0 = only at the end)"),
-    ("train.keep_checkpoints", int, lambda v: v >= 1, ">= 1"),
-    ("model.load_balancing_weight", (int, float), lambda v: v >= 0, ">= 0"),
-    ("model.router_z_weight", (int, float), lambda v: v >= 0, ">= 0"),
-    ("eval.batch_size", int, lambda v: v >= 1, ">= 1"),
-    ("eval.beam_size", int, lambda v: v >= 1, ">= 1 (1 = greedy)"),
-    ("eval.num_examples_during_training", int, lambda v: v >= 1, ">= 1"),
-    ("data.seed", int, lambda v: v >= 0, ">= 0"),
-    ("data.num_train", int, lambda v: v >= 1, ">= 1"),
-    ("data.num_test", int, lambda v: v >= 1, ">= 1"),
+  ("train.num_steps", int, lambda v: v >= 0, ">= 0"),
+  ("train.batch_size", int, lambda v: v >= 1, ">= 1"),
+  ("train.learning_rate", (int, float), lambda v: v > 0, "> 0"),
+  ("train.warmup_steps", int, lambda v: v >= 0, ">= 0"),
+  ("train.final_learning_rate_fraction", (int, float), lambda v: 0 <= v <= 1, "in [0, 1]"),
+  ("train.adam_b1", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("train.adam_b2", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("train.weight_decay", (int, float), lambda v: v >= 0, ">= 0"),
+  ("train.grad_clip_norm", (int, float), lambda v: v >= 0, ">= 0 (0 = off)"),
+  ("train.label_smoothing", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("train.seed", int, lambda v: v >= 0, ">= 0"),
+  ("train.log_every", int, lambda v: v >= 1, ">= 1"),
+  ("train.eval_every", int, lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+  ("train.checkpoint_every", int, lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+  ("train.keep_checkpoints", int, lambda v: v >= 1, ">= 1"),
+  ("model.load_balancing_weight", (int, float), lambda v: v >= 0, ">= 0"),
+  ("model.router_z_weight", (int, float), lambda v: v >= 0, ">= 0"),
+  ("eval.batch_size", int, lambda v: v >= 1, ">= 1"),
+  ("eval.beam_size", int, lambda v: v >= 1, ">= 1 (1 = greedy)"),
+  ("eval.num_examples_during_training", int, lambda v: v >= 1, ">= 1"),
+  ("data.seed", int, lambda v: v >= 0, ">= 0"),
+  ("data.num_train", int, lambda v: v >= 1, ">= 1"),
+  ("data.num_test", int, lambda v: v >= 1, ">= 1"),
 )
 
 

@@ -50,8 +50,8 @@ def _check_cache(cache: PyTree, rows: int, what: str) -> None:
     shape = jnp.shape(leaf)
     if not shape or shape[0] != rows:
       raise ValueError(
-          f"{what} leaf {jax.tree_util.keystr(path)} has shape {shape}; "
-          f"its leading dimension must be {rows}")
+        f"{what} leaf {jax.tree_util.keystr(path)} has shape {shape}; its leading dimension must be {rows}"
+      )
 
 
 def _check_step_output(logits, new_cache, old_cache, rows: int) -> int:
@@ -61,33 +61,31 @@ def _check_step_output(logits, new_cache, old_cache, rows: int) -> int:
   that does not point at the step function.
   """
   if logits.ndim != 2 or logits.shape[0] != rows:
-    raise ValueError(
-        f"step_fn must return logits of shape [{rows}, vocab], got {logits.shape}")
+    raise ValueError(f"step_fn must return logits of shape [{rows}, vocab], got {logits.shape}")
   old_def = jax.tree.structure(old_cache)
   new_def = jax.tree.structure(new_cache)
   if old_def != new_def:
-    raise ValueError(
-        f"step_fn changed the cache structure from {old_def} to {new_def}")
-  for (path, old), new in zip(
-      jax.tree_util.tree_leaves_with_path(old_cache), jax.tree.leaves(new_cache)):
+    raise ValueError(f"step_fn changed the cache structure from {old_def} to {new_def}")
+  for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(old_cache), jax.tree.leaves(new_cache)):
     old_type = (jnp.shape(old), jnp.result_type(old))
     new_type = (jnp.shape(new), jnp.result_type(new))
     if old_type != new_type:
       raise ValueError(
-          f"step_fn changed cache leaf {jax.tree_util.keystr(path)} from "
-          f"{old_type[1]}{list(old_type[0])} to {new_type[1]}{list(new_type[0])}")
+        f"step_fn changed cache leaf {jax.tree_util.keystr(path)} from "
+        f"{old_type[1]}{list(old_type[0])} to {new_type[1]}{list(new_type[0])}"
+      )
   return logits.shape[1]
 
 
 def greedy_decode(
-    step_fn: DecodeStepFn,
-    initial_cache: PyTree,
-    *,
-    batch_size: int,
-    max_length: int,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int = 0,
+  step_fn: DecodeStepFn,
+  initial_cache: PyTree,
+  *,
+  batch_size: int,
+  max_length: int,
+  bos_id: int,
+  eos_id: int,
+  pad_id: int = 0,
 ) -> jax.Array:
   """Decodes `max_length` tokens per example, taking the argmax at every step.
 
@@ -118,9 +116,9 @@ def greedy_decode(
     return (next_B, done_B, new_cache), next_B
 
   init = (
-      jnp.full((batch_size,), bos_id, jnp.int32),
-      jnp.zeros((batch_size,), bool),
-      initial_cache,
+    jnp.full((batch_size,), bos_id, jnp.int32),
+    jnp.zeros((batch_size,), bool),
+    initial_cache,
   )
   _, tokens_LxB = jax.lax.scan(step, init, jnp.arange(max_length, dtype=jnp.int32))
   return tokens_LxB.T
@@ -132,16 +130,16 @@ def _length_norm(length, length_penalty: float) -> jax.Array:
 
 
 def beam_search(
-    step_fn: DecodeStepFn,
-    initial_cache: PyTree,
-    *,
-    batch_size: int,
-    beam_size: int,
-    max_length: int,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int = 0,
-    length_penalty: float = 0.6,
+  step_fn: DecodeStepFn,
+  initial_cache: PyTree,
+  *,
+  batch_size: int,
+  beam_size: int,
+  max_length: int,
+  bos_id: int,
+  eos_id: int,
+  pad_id: int = 0,
+  length_penalty: float = 0.6,
 ) -> tuple[jax.Array, jax.Array]:
   """Beam search with separate alive and finished hypotheses (tensor2tensor style).
 
@@ -176,8 +174,7 @@ def beam_search(
     (only when the model has fewer than beam_size possible sequences) holds
     `pad_id`s and score -inf.
   """
-  _check_positive(
-      batch_size=batch_size, beam_size=beam_size, max_length=max_length)
+  _check_positive(batch_size=batch_size, beam_size=beam_size, max_length=max_length)
   _check_token_ids(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
   _check_cache(initial_cache, batch_size, "initial_cache")
   length_penalty = float(length_penalty)
@@ -194,50 +191,48 @@ def beam_search(
   tokens_N = jnp.full((N,), bos_id, jnp.int32)
 
   def step(carry, step_index):
-    (tokens_N, cache_N, alive_logp_BxW, alive_seq_BxWxL,
-     finished_score_BxW, finished_seq_BxWxL) = carry
+    (tokens_N, cache_N, alive_logp_BxW, alive_seq_BxWxL, finished_score_BxW, finished_seq_BxWxL) = carry
     logits_NxV, new_cache_N = step_fn(tokens_N, cache_N, step_index)
     V = _check_step_output(logits_NxV, new_cache_N, cache_N, N)
     if eos_id >= V:
       raise ValueError(f"eos_id={eos_id} is outside the vocabulary of size {V}")
-    logp_BxWxV = jax.nn.log_softmax(
-        logits_NxV.astype(jnp.float32), axis=-1).reshape(B, W, V)
+    logp_BxWxV = jax.nn.log_softmax(logits_NxV.astype(jnp.float32), axis=-1).reshape(B, W, V)
     candidate_logp_BxWxV = alive_logp_BxW[:, :, None] + logp_BxWxV
 
     # Finished: every alive hypothesis followed by EOS competes with the best
     # W finished so far, on the length-normalised score.
-    eos_score_BxW = (candidate_logp_BxWxV[:, :, eos_id]
-                     / _length_norm(step_index + 1, length_penalty))
+    eos_score_BxW = candidate_logp_BxWxV[:, :, eos_id] / _length_norm(step_index + 1, length_penalty)
     eos_seq_BxWxL = alive_seq_BxWxL.at[:, :, step_index].set(eos_id)
     merged_score_Bx2W = jnp.concatenate([finished_score_BxW, eos_score_BxW], axis=1)
     merged_seq_Bx2WxL = jnp.concatenate([finished_seq_BxWxL, eos_seq_BxWxL], axis=1)
     finished_score_BxW, keep_BxW = jax.lax.top_k(merged_score_Bx2W, W)
-    finished_seq_BxWxL = jnp.take_along_axis(
-        merged_seq_Bx2WxL, keep_BxW[:, :, None], axis=1)
+    finished_seq_BxWxL = jnp.take_along_axis(merged_seq_Bx2WxL, keep_BxW[:, :, None], axis=1)
 
     # Alive: the W most probable continuations that do not end here. Ranked by
     # raw log-prob: they all have the same length, so the norm cannot reorder them.
-    continue_logp_BxWV = candidate_logp_BxWxV.at[:, :, eos_id].set(
-        _NEG_INF).reshape(B, W * V)
+    continue_logp_BxWV = candidate_logp_BxWxV.at[:, :, eos_id].set(_NEG_INF).reshape(B, W * V)
     alive_logp_BxW, flat_BxW = jax.lax.top_k(continue_logp_BxWV, W)
     parent_BxW = flat_BxW // V
     token_BxW = (flat_BxW % V).astype(jnp.int32)
-    alive_seq_BxWxL = jnp.take_along_axis(
-        alive_seq_BxWxL, parent_BxW[:, :, None], axis=1
-    ).at[:, :, step_index].set(token_BxW)
+    alive_seq_BxWxL = (
+      jnp.take_along_axis(alive_seq_BxWxL, parent_BxW[:, :, None], axis=1).at[:, :, step_index].set(token_BxW)
+    )
     # The cache row of each new hypothesis is its parent's, as updated by this step.
     parent_row_N = (jnp.arange(B)[:, None] * W + parent_BxW).reshape(N)
-    cache_N = jax.tree.map(
-        lambda leaf: jnp.take(leaf, parent_row_N, axis=0), new_cache_N)
+    cache_N = jax.tree.map(lambda leaf: jnp.take(leaf, parent_row_N, axis=0), new_cache_N)
 
-    return (token_BxW.reshape(N), cache_N, alive_logp_BxW, alive_seq_BxWxL,
-            finished_score_BxW, finished_seq_BxWxL), None
+    return (
+      token_BxW.reshape(N),
+      cache_N,
+      alive_logp_BxW,
+      alive_seq_BxWxL,
+      finished_score_BxW,
+      finished_seq_BxWxL,
+    ), None
 
-  init = (tokens_N, cache_N, alive_logp_BxW, alive_seq_BxWxL,
-          finished_score_BxW, finished_seq_BxWxL)
+  init = (tokens_N, cache_N, alive_logp_BxW, alive_seq_BxWxL, finished_score_BxW, finished_seq_BxWxL)
   carry, _ = jax.lax.scan(step, init, jnp.arange(L, dtype=jnp.int32))
-  (_, _, alive_logp_BxW, alive_seq_BxWxL,
-   finished_score_BxW, finished_seq_BxWxL) = carry
+  (_, _, alive_logp_BxW, alive_seq_BxWxL, finished_score_BxW, finished_seq_BxWxL) = carry
 
   # Final ranking: valid finished hypotheses first, then valid unfinished ones
   # (which ran the full max_length), then impossible ones; by score within each.
@@ -246,14 +241,12 @@ def beam_search(
   pool_seq_Bx2WxL = jnp.concatenate([finished_seq_BxWxL, alive_seq_BxWxL], axis=1)
   valid_Bx2W = pool_score_Bx2W > _NEG_INF
   group_Bx2W = jnp.where(
-      valid_Bx2W,
-      jnp.concatenate([jnp.zeros((B, W), jnp.int32), jnp.ones((B, W), jnp.int32)], axis=1),
-      2)
+    valid_Bx2W, jnp.concatenate([jnp.zeros((B, W), jnp.int32), jnp.ones((B, W), jnp.int32)], axis=1), 2
+  )
   order_Bx2W = jnp.lexsort((-pool_score_Bx2W, group_Bx2W), axis=-1)
   best_BxW = order_Bx2W[:, :W]
   scores_BxW = jnp.take_along_axis(pool_score_Bx2W, best_BxW, axis=1)
   sequences_BxWxL = jnp.take_along_axis(pool_seq_Bx2WxL, best_BxW[:, :, None], axis=1)
   # An impossible slot's tokens are whatever top_k tie-breaking left there.
-  sequences_BxWxL = jnp.where(
-      (scores_BxW > _NEG_INF)[:, :, None], sequences_BxWxL, jnp.int32(pad_id))
+  sequences_BxWxL = jnp.where((scores_BxW > _NEG_INF)[:, :, None], sequences_BxWxL, jnp.int32(pad_id))
   return sequences_BxWxL, scores_BxW

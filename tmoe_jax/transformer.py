@@ -33,26 +33,38 @@ class FeedForwardBlock(nnx.Module):
     if use_moe:
       self.ffn = MoEFeedForward(config.moe, rngs=rngs)
     else:
-      self.ffn = FeedForward(config.d_model, config.d_ff, activation=config.activation,
-                             dropout_rate=config.dropout_rate, dtype=config.dtype, rngs=rngs)
+      self.ffn = FeedForward(
+        config.d_model,
+        config.d_ff,
+        activation=config.activation,
+        dropout_rate=config.dropout_rate,
+        dtype=config.dtype,
+        rngs=rngs,
+      )
     self.dropout = nnx.Dropout(config.dropout_rate)
 
-  def __call__(self, x_BxLxD, token_mask_BxL, *, deterministic: bool, rngs: nnx.Rngs | None):
+  def __call__(
+    self, x_BxLxD, token_mask_BxL, *, deterministic: bool, rngs: nnx.Rngs | None, drop_tokens: bool = True
+  ):
     normed = self.norm(x_BxLxD)
     aux = None
     if self.use_moe:
-      y, aux = self.ffn(normed, token_mask_BxL, deterministic=deterministic)
+      y, aux = self.ffn(normed, token_mask_BxL, deterministic=deterministic, drop_tokens=drop_tokens)
     else:
       y = self.ffn(normed, deterministic=deterministic, rngs=rngs)
     return x_BxLxD + self.dropout(y, deterministic=deterministic, rngs=rngs), aux
 
 
 class EncoderLayer(nnx.Module):
-
   def __init__(self, config: TransformerConfig, use_moe: bool, *, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(config.d_model, rngs=rngs)
-    self.attention = MultiHeadAttention(config.d_model, config.num_heads,
-                                        dropout_rate=config.attention_dropout_rate, dtype=config.dtype, rngs=rngs)
+    self.attention = MultiHeadAttention(
+      config.d_model,
+      config.num_heads,
+      dropout_rate=config.attention_dropout_rate,
+      dtype=config.dtype,
+      rngs=rngs,
+    )
     self.dropout = nnx.Dropout(config.dropout_rate)
     self.feed_forward = FeedForwardBlock(config, use_moe, rngs=rngs)
 
@@ -70,11 +82,15 @@ class DecoderLayerCache:
 
 
 class DecoderLayer(nnx.Module):
-
   def __init__(self, config: TransformerConfig, use_moe: bool, *, rngs: nnx.Rngs):
     def attention():
-      return MultiHeadAttention(config.d_model, config.num_heads, dropout_rate=config.attention_dropout_rate,
-                                dtype=config.dtype, rngs=rngs)
+      return MultiHeadAttention(
+        config.d_model,
+        config.num_heads,
+        dropout_rate=config.attention_dropout_rate,
+        dtype=config.dtype,
+        rngs=rngs,
+      )
 
     self.self_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     self.self_attention = attention()
@@ -83,21 +99,31 @@ class DecoderLayer(nnx.Module):
     self.dropout = nnx.Dropout(config.dropout_rate)
     self.feed_forward = FeedForwardBlock(config, use_moe, rngs=rngs)
 
-  def __call__(self, y_BxLxD, encoded_BxSxD, self_mask_Bx1xLxL, cross_mask_Bx1xLxS, token_mask_BxL, *,
-               deterministic, rngs):
+  def __call__(
+    self,
+    y_BxLxD,
+    encoded_BxSxD,
+    self_mask_Bx1xLxL,
+    cross_mask_Bx1xLxS,
+    token_mask_BxL,
+    *,
+    deterministic,
+    rngs,
+  ):
     normed = self.self_norm(y_BxLxD)
     attended = self.self_attention(normed, normed, self_mask_Bx1xLxL, deterministic=deterministic, rngs=rngs)
     y_BxLxD = y_BxLxD + self.dropout(attended, deterministic=deterministic, rngs=rngs)
     normed = self.cross_norm(y_BxLxD)
-    attended = self.cross_attention(normed, encoded_BxSxD, cross_mask_Bx1xLxS, deterministic=deterministic,
-                                    rngs=rngs)
+    attended = self.cross_attention(
+      normed, encoded_BxSxD, cross_mask_Bx1xLxS, deterministic=deterministic, rngs=rngs
+    )
     y_BxLxD = y_BxLxD + self.dropout(attended, deterministic=deterministic, rngs=rngs)
     return self.feed_forward(y_BxLxD, token_mask_BxL, deterministic=deterministic, rngs=rngs)
 
   def init_cache(self, encoded_BxSxD, max_length: int) -> DecoderLayerCache:
     return DecoderLayerCache(
-        self_attention=self.self_attention.empty_cache(encoded_BxSxD.shape[0], max_length, encoded_BxSxD.dtype),
-        cross_attention=self.cross_attention.project_key_value(encoded_BxSxD),
+      self_attention=self.self_attention.empty_cache(encoded_BxSxD.shape[0], max_length, encoded_BxSxD.dtype),
+      cross_attention=self.cross_attention.project_key_value(encoded_BxSxD),
     )
 
   def decode_step(self, y_Bx1xD, cache: DecoderLayerCache, cross_mask_Bx1x1xS, step):
@@ -105,9 +131,10 @@ class DecoderLayer(nnx.Module):
     attended, self_cache = self.self_attention.decode_step(normed, cache.self_attention, step)
     y_Bx1xD = y_Bx1xD + attended
     normed = self.cross_norm(y_Bx1xD)
-    y_Bx1xD = y_Bx1xD + self.cross_attention.attend(normed, cache.cross_attention, cross_mask_Bx1x1xS,
-                                                    deterministic=True, rngs=None)
-    y_Bx1xD, _ = self.feed_forward(y_Bx1xD, None, deterministic=True, rngs=None)
+    y_Bx1xD = y_Bx1xD + self.cross_attention.attend(
+      normed, cache.cross_attention, cross_mask_Bx1x1xS, deterministic=True, rngs=None
+    )
+    y_Bx1xD, _ = self.feed_forward(y_Bx1xD, None, deterministic=True, rngs=None, drop_tokens=False)
     return y_Bx1xD, DecoderLayerCache(self_cache, cache.cross_attention)
 
 
@@ -125,23 +152,29 @@ class Transformer(nnx.Module):
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = config
     embed_init = nnx.initializers.normal(config.d_model**-0.5)
-    self.source_embedding = nnx.Embed(config.vocab_size, config.d_model, embedding_init=embed_init,
-                                      dtype=config.dtype, rngs=rngs)
+    self.source_embedding = nnx.Embed(
+      config.vocab_size, config.d_model, embedding_init=embed_init, dtype=config.dtype, rngs=rngs
+    )
     if config.share_embeddings:
       self.target_embedding = self.source_embedding
     else:
-      self.target_embedding = nnx.Embed(config.vocab_size, config.d_model, embedding_init=embed_init,
-                                        dtype=config.dtype, rngs=rngs)
-    self.source_positions = PositionEmbedding(config.position_embedding, config.max_length, config.d_model,
-                                              rngs=rngs)
-    self.target_positions = PositionEmbedding(config.position_embedding, config.max_length, config.d_model,
-                                              rngs=rngs)
+      self.target_embedding = nnx.Embed(
+        config.vocab_size, config.d_model, embedding_init=embed_init, dtype=config.dtype, rngs=rngs
+      )
+    self.source_positions = PositionEmbedding(
+      config.position_embedding, config.max_length, config.d_model, rngs=rngs
+    )
+    self.target_positions = PositionEmbedding(
+      config.position_embedding, config.max_length, config.d_model, rngs=rngs
+    )
     self.embedding_dropout = nnx.Dropout(config.dropout_rate)
     self.encoder_layers = nnx.List(
-        [EncoderLayer(config, config.is_moe_layer(i), rngs=rngs) for i in range(config.num_layers)])
+      [EncoderLayer(config, config.is_moe_layer(i), rngs=rngs) for i in range(config.num_layers)]
+    )
     self.encoder_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     self.decoder_layers = nnx.List(
-        [DecoderLayer(config, config.is_moe_layer(i), rngs=rngs) for i in range(config.num_decoder_layers)])
+      [DecoderLayer(config, config.is_moe_layer(i), rngs=rngs) for i in range(config.num_decoder_layers)]
+    )
     self.decoder_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     if not config.share_embeddings:
       self.output_projection = nnx.Linear(config.d_model, config.vocab_size, dtype=config.dtype, rngs=rngs)
@@ -163,8 +196,9 @@ class Transformer(nnx.Module):
     """Returns (encoded [B, S, D], MoEAux of each encoder MoE layer)."""
     source_valid_BxS = source_BxS != PAD_ID
     mask = padding_mask(source_valid_BxS, source_valid_BxS)
-    x = self._embed(source_BxS, self.source_embedding, self.source_positions, deterministic=deterministic,
-                    rngs=rngs)
+    x = self._embed(
+      source_BxS, self.source_embedding, self.source_positions, deterministic=deterministic, rngs=rngs
+    )
     auxes = []
     for layer in self.encoder_layers:
       x, aux = layer(x, mask, source_valid_BxS, deterministic=deterministic, rngs=rngs)
@@ -172,8 +206,15 @@ class Transformer(nnx.Module):
         auxes.append(aux)
     return self.encoder_norm(x), tuple(auxes)
 
-  def decode(self, target_input_BxL, encoded_BxSxD, source_BxS, *, deterministic: bool = True,
-             rngs: nnx.Rngs | None = None):
+  def decode(
+    self,
+    target_input_BxL,
+    encoded_BxSxD,
+    source_BxS,
+    *,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+  ):
     """Teacher-forced decoding; returns (logits [B, L, V] float32, MoEAux per decoder MoE layer).
 
     `target_input_BxL` is the target shifted right (BOS first); padding is 0.
@@ -182,36 +223,41 @@ class Transformer(nnx.Module):
     length = target_input_BxL.shape[1]
     self_mask = padding_mask(target_valid_BxL, target_valid_BxL) & causal_mask(length)
     cross_mask = padding_mask(target_valid_BxL, source_BxS != PAD_ID)
-    y = self._embed(target_input_BxL, self.target_embedding, self.target_positions, deterministic=deterministic,
-                    rngs=rngs)
+    y = self._embed(
+      target_input_BxL, self.target_embedding, self.target_positions, deterministic=deterministic, rngs=rngs
+    )
     auxes = []
     for layer in self.decoder_layers:
-      y, aux = layer(y, encoded_BxSxD, self_mask, cross_mask, target_valid_BxL, deterministic=deterministic,
-                     rngs=rngs)
+      y, aux = layer(
+        y, encoded_BxSxD, self_mask, cross_mask, target_valid_BxL, deterministic=deterministic, rngs=rngs
+      )
       if aux is not None:
         auxes.append(aux)
     return self._logits(self.decoder_norm(y)), tuple(auxes)
 
-  def __call__(self, source_BxS, target_input_BxL, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, tuple[MoEAux, ...]]:
+  def __call__(
+    self, source_BxS, target_input_BxL, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+  ) -> tuple[jax.Array, tuple[MoEAux, ...]]:
     encoded, encoder_aux = self.encode(source_BxS, deterministic=deterministic, rngs=rngs)
-    logits, decoder_aux = self.decode(target_input_BxL, encoded, source_BxS, deterministic=deterministic,
-                                      rngs=rngs)
+    logits, decoder_aux = self.decode(
+      target_input_BxL, encoded, source_BxS, deterministic=deterministic, rngs=rngs
+    )
     return logits, encoder_aux + decoder_aux
 
   @property
   def num_moe_layers(self) -> int:
     config = self.config
     return sum(config.is_moe_layer(i) for i in range(config.num_layers)) + sum(
-        config.is_moe_layer(i) for i in range(config.num_decoder_layers))
+      config.is_moe_layer(i) for i in range(config.num_decoder_layers)
+    )
 
   def init_decode_cache(self, encoded_BxSxD, source_BxS, max_length: int) -> DecodeCache:
     """Projects the encoder output for cross-attention once and allocates self-attention caches."""
     if max_length > self.config.max_length:
       raise ValueError(f"max decode length {max_length} exceeds model.max_length={self.config.max_length}")
     return DecodeCache(
-        layers=tuple(layer.init_cache(encoded_BxSxD, max_length) for layer in self.decoder_layers),
-        source_valid_BxS=source_BxS != PAD_ID,
+      layers=tuple(layer.init_cache(encoded_BxSxD, max_length) for layer in self.decoder_layers),
+      source_valid_BxS=source_BxS != PAD_ID,
     )
 
   def decode_step(self, tokens_B, cache: DecodeCache, step) -> tuple[jax.Array, DecodeCache]:

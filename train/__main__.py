@@ -66,7 +66,9 @@ def define_flags() -> None:
   # config_flags applies --config.* overrides while defining the flag, so a typo
   # in a key surfaces here, before app.run parses anything.
   try:
-    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment config file.", lock_config=True)
+    config_flags.DEFINE_config_file(
+      "config", str(DEFAULT_CONFIG), "Experiment config file.", lock_config=True
+    )
   except _CONFIG_OVERRIDE_ERRORS as error:
     _fail(_override_error_message(error))
   flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")

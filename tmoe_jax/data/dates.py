@@ -60,12 +60,27 @@ _SPLIT_IDS = {"train": 0, "test": 1}
 
 # Own name tables rather than strftime("%B"), which depends on the locale.
 _MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July",
-    "August", "September", "October", "November", "December",
+  "January",
+  "February",
+  "March",
+  "April",
+  "May",
+  "June",
+  "July",
+  "August",
+  "September",
+  "October",
+  "November",
+  "December",
 )
 _WEEKDAYS = (
-    "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday",
-    "Sunday",
+  "Monday",
+  "Tuesday",
+  "Wednesday",
+  "Thursday",
+  "Friday",
+  "Saturday",
+  "Sunday",
 )
 
 # Case variants are applied to the whole string; "title" means the string as
@@ -75,219 +90,196 @@ _NO_CASES = ("title",)
 
 
 def _ordinal(day: int) -> str:
-    if 11 <= day % 100 <= 13:
-        suffix = "th"
-    else:
-        suffix = {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
-    return f"{day}{suffix}"
+  if 11 <= day % 100 <= 13:
+    suffix = "th"
+  else:
+    suffix = {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+  return f"{day}{suffix}"
 
 
 def _month(d: datetime.date) -> str:
-    return _MONTHS[d.month - 1]
+  return _MONTHS[d.month - 1]
 
 
 def _mon(d: datetime.date) -> str:
-    return _MONTHS[d.month - 1][:3]
+  return _MONTHS[d.month - 1][:3]
 
 
 def _weekday(d: datetime.date) -> str:
-    return _WEEKDAYS[d.weekday()]
+  return _WEEKDAYS[d.weekday()]
 
 
 def _wkd(d: datetime.date) -> str:
-    return _WEEKDAYS[d.weekday()][:3]
+  return _WEEKDAYS[d.weekday()][:3]
 
 
 def _yy(d: datetime.date) -> str:
-    return f"{d.year % 100:02d}"
+  return f"{d.year % 100:02d}"
 
 
 # name -> (formatter producing the title-case string, allowed case variants;
 # the first variant is the canonical one used when no rng is given).
 _STYLES: dict[str, tuple[Callable[[datetime.date], str], tuple[str, ...]]] = {
-    # "Tuesday, 3 March 1998"
-    "weekday_day_month_year": (
-        lambda d: f"{_weekday(d)}, {d.day} {_month(d)} {d.year}", _ALL_CASES),
-    # "Tuesday, March 3, 1998"
-    "weekday_month_day_year": (
-        lambda d: f"{_weekday(d)}, {_month(d)} {d.day}, {d.year}", _ALL_CASES),
-    # "3 March 1998"
-    "day_month_year": (
-        lambda d: f"{d.day} {_month(d)} {d.year}", _ALL_CASES),
-    # "March 3, 1998"
-    "month_day_year": (
-        lambda d: f"{_month(d)} {d.day}, {d.year}", _ALL_CASES),
-    # "March 3rd, '98"
-    "month_ordinal_short_year": (
-        lambda d: f"{_month(d)} {_ordinal(d.day)}, '{_yy(d)}", _ALL_CASES),
-    # "3rd of March 1998"
-    "ordinal_of_month_year": (
-        lambda d: f"{_ordinal(d.day)} of {_month(d)} {d.year}", _ALL_CASES),
-    # "March the 3rd, 1998"
-    "month_the_ordinal_year": (
-        lambda d: f"{_month(d)} the {_ordinal(d.day)}, {d.year}", _ALL_CASES),
-    # "Mar 3 1998"
-    "mon_day_year": (
-        lambda d: f"{_mon(d)} {d.day} {d.year}", _ALL_CASES),
-    # "3 MAR 98"
-    "day_mon_short_year": (
-        lambda d: f"{d.day} {_mon(d)} {_yy(d)}", ("upper", "title", "lower")),
-    # "tue 3 mar 1998"
-    "wkd_day_mon_year": (
-        lambda d: f"{_wkd(d)} {d.day} {_mon(d)} {d.year}",
-        ("lower", "title", "upper")),
-    # "Tue, Mar 3, 1998"
-    "wkd_mon_day_year": (
-        lambda d: f"{_wkd(d)}, {_mon(d)} {d.day}, {d.year}", _ALL_CASES),
-    # "03-Mar-1998"
-    "dd_mon_yyyy_dashes": (
-        lambda d: f"{d.day:02d}-{_mon(d)}-{d.year}", _ALL_CASES),
-    # "1998/03/03": year first, always four digits.
-    "ymd_slashes": (
-        lambda d: f"{d.year}/{d.month:02d}/{d.day:02d}", _NO_CASES),
-    # "3.3.1998": European day.month.year; dots always mean this order.
-    "dmy_dots": (
-        lambda d: f"{d.day}.{d.month}.{d.year}", _NO_CASES),
-    # "3/3/98": US month/day/yy; a short year last always means this order.
-    "mdy_slashes_short_year": (
-        lambda d: f"{d.month}/{d.day}/{_yy(d)}", _NO_CASES),
-    # "19980303"
-    "compact": (
-        lambda d: f"{d.year}{d.month:02d}{d.day:02d}", _NO_CASES),
+  # "Tuesday, 3 March 1998"
+  "weekday_day_month_year": (lambda d: f"{_weekday(d)}, {d.day} {_month(d)} {d.year}", _ALL_CASES),
+  # "Tuesday, March 3, 1998"
+  "weekday_month_day_year": (lambda d: f"{_weekday(d)}, {_month(d)} {d.day}, {d.year}", _ALL_CASES),
+  # "3 March 1998"
+  "day_month_year": (lambda d: f"{d.day} {_month(d)} {d.year}", _ALL_CASES),
+  # "March 3, 1998"
+  "month_day_year": (lambda d: f"{_month(d)} {d.day}, {d.year}", _ALL_CASES),
+  # "March 3rd, '98"
+  "month_ordinal_short_year": (lambda d: f"{_month(d)} {_ordinal(d.day)}, '{_yy(d)}", _ALL_CASES),
+  # "3rd of March 1998"
+  "ordinal_of_month_year": (lambda d: f"{_ordinal(d.day)} of {_month(d)} {d.year}", _ALL_CASES),
+  # "March the 3rd, 1998"
+  "month_the_ordinal_year": (lambda d: f"{_month(d)} the {_ordinal(d.day)}, {d.year}", _ALL_CASES),
+  # "Mar 3 1998"
+  "mon_day_year": (lambda d: f"{_mon(d)} {d.day} {d.year}", _ALL_CASES),
+  # "3 MAR 98"
+  "day_mon_short_year": (lambda d: f"{d.day} {_mon(d)} {_yy(d)}", ("upper", "title", "lower")),
+  # "tue 3 mar 1998"
+  "wkd_day_mon_year": (lambda d: f"{_wkd(d)} {d.day} {_mon(d)} {d.year}", ("lower", "title", "upper")),
+  # "Tue, Mar 3, 1998"
+  "wkd_mon_day_year": (lambda d: f"{_wkd(d)}, {_mon(d)} {d.day}, {d.year}", _ALL_CASES),
+  # "03-Mar-1998"
+  "dd_mon_yyyy_dashes": (lambda d: f"{d.day:02d}-{_mon(d)}-{d.year}", _ALL_CASES),
+  # "1998/03/03": year first, always four digits.
+  "ymd_slashes": (lambda d: f"{d.year}/{d.month:02d}/{d.day:02d}", _NO_CASES),
+  # "3.3.1998": European day.month.year; dots always mean this order.
+  "dmy_dots": (lambda d: f"{d.day}.{d.month}.{d.year}", _NO_CASES),
+  # "3/3/98": US month/day/yy; a short year last always means this order.
+  "mdy_slashes_short_year": (lambda d: f"{d.month}/{d.day}/{_yy(d)}", _NO_CASES),
+  # "19980303"
+  "compact": (lambda d: f"{d.year}{d.month:02d}{d.day:02d}", _NO_CASES),
 }
 
 DATE_FORMATS: tuple[str, ...] = tuple(_STYLES)
 
 
 def _check_style(style: str) -> None:
-    if style not in _STYLES:
-        raise ValueError(
-            f"unknown date style {style!r}; valid styles are: "
-            + ", ".join(DATE_FORMATS))
+  if style not in _STYLES:
+    raise ValueError(f"unknown date style {style!r}; valid styles are: " + ", ".join(DATE_FORMATS))
 
 
 def _check_date(date: datetime.date) -> None:
-    # datetime.datetime is a date subclass; its time part would be dropped
-    # silently, so insist on a plain date.
-    if not isinstance(date, datetime.date) or isinstance(date, datetime.datetime):
-        raise ValueError(f"expected a datetime.date, got {date!r}")
-    if not MIN_DATE <= date <= MAX_DATE:
-        raise ValueError(
-            f"date {date.isoformat()} outside the supported range "
-            f"{MIN_DATE.isoformat()} .. {MAX_DATE.isoformat()} (two-digit "
-            "years would be ambiguous outside it)")
+  # datetime.datetime is a date subclass; its time part would be dropped
+  # silently, so insist on a plain date.
+  if not isinstance(date, datetime.date) or isinstance(date, datetime.datetime):
+    raise ValueError(f"expected a datetime.date, got {date!r}")
+  if not MIN_DATE <= date <= MAX_DATE:
+    raise ValueError(
+      f"date {date.isoformat()} outside the supported range "
+      f"{MIN_DATE.isoformat()} .. {MAX_DATE.isoformat()} (two-digit "
+      "years would be ambiguous outside it)"
+    )
 
 
 def _apply_case(text: str, case: str) -> str:
-    if case == "lower":
-        return text.lower()
-    if case == "upper":
-        return text.upper()
-    return text
+  if case == "lower":
+    return text.lower()
+  if case == "upper":
+    return text.upper()
+  return text
 
 
 def style_cases(style: str) -> tuple[str, ...]:
-    """Case variants ("title", "lower", "upper") a style may be written in."""
-    _check_style(style)
-    return _STYLES[style][1]
+  """Case variants ("title", "lower", "upper") a style may be written in."""
+  _check_style(style)
+  return _STYLES[style][1]
 
 
-def format_date(date: datetime.date, style: str,
-                rng: np.random.Generator | None = None) -> str:
-    """Writes ``date`` in ``style``.
+def format_date(date: datetime.date, style: str, rng: np.random.Generator | None = None) -> str:
+  """Writes ``date`` in ``style``.
 
-    Without ``rng`` the style's canonical letter case is used; with one, a
-    case variant is drawn uniformly among those the style allows.
-    """
-    _check_style(style)
-    _check_date(date)
-    formatter, cases = _STYLES[style]
-    case = cases[0] if rng is None else cases[int(rng.integers(len(cases)))]
-    return _apply_case(formatter(date), case)
+  Without ``rng`` the style's canonical letter case is used; with one, a
+  case variant is drawn uniformly among those the style allows.
+  """
+  _check_style(style)
+  _check_date(date)
+  formatter, cases = _STYLES[style]
+  case = cases[0] if rng is None else cases[int(rng.integers(len(cases)))]
+  return _apply_case(formatter(date), case)
 
 
 def target_for(date: datetime.date) -> str:
-    """The ISO 8601 target string, ``YYYY-MM-DD``."""
-    _check_date(date)
-    return date.isoformat()
+  """The ISO 8601 target string, ``YYYY-MM-DD``."""
+  _check_date(date)
+  return date.isoformat()
 
 
 def date_bucket(date: datetime.date) -> int:
-    """Seed-independent hash bucket in [0, NUM_BUCKETS) of a date."""
-    digest = hashlib.blake2b(
-        str(date.toordinal()).encode("ascii"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % NUM_BUCKETS
+  """Seed-independent hash bucket in [0, NUM_BUCKETS) of a date."""
+  digest = hashlib.blake2b(str(date.toordinal()).encode("ascii"), digest_size=8).digest()
+  return int.from_bytes(digest, "little") % NUM_BUCKETS
 
 
 def is_test_date(date: datetime.date) -> bool:
-    """Whether ``date`` is held out for the test split."""
-    return date_bucket(date) < TEST_BUCKETS
+  """Whether ``date`` is held out for the test split."""
+  return date_bucket(date) < TEST_BUCKETS
 
 
 @functools.lru_cache(maxsize=None)
 def _split_ordinals(split: str) -> np.ndarray:
-    first, last = MIN_DATE.toordinal(), MAX_DATE.toordinal()
-    want_test = split == "test"
-    return np.array(
-        [o for o in range(first, last + 1)
-         if is_test_date(datetime.date.fromordinal(o)) == want_test],
-        dtype=np.int64)
+  first, last = MIN_DATE.toordinal(), MAX_DATE.toordinal()
+  want_test = split == "test"
+  return np.array(
+    [o for o in range(first, last + 1) if is_test_date(datetime.date.fromordinal(o)) == want_test],
+    dtype=np.int64,
+  )
 
 
 def _check_split(split: str) -> None:
-    if split not in _SPLIT_IDS:
-        raise ValueError(
-            f"unknown split {split!r}; valid splits are: " + ", ".join(SPLITS))
+  if split not in _SPLIT_IDS:
+    raise ValueError(f"unknown split {split!r}; valid splits are: " + ", ".join(SPLITS))
 
 
 def split_dates(split: str) -> list[datetime.date]:
-    """All dates of a split, in calendar order."""
-    _check_split(split)
-    return [datetime.date.fromordinal(int(o)) for o in _split_ordinals(split)]
+  """All dates of a split, in calendar order."""
+  _check_split(split)
+  return [datetime.date.fromordinal(int(o)) for o in _split_ordinals(split)]
 
 
 def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an int, got {value!r}")
+  if value < 0:
+    raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def generate_examples(seed: int, num_examples: int,
-                      split: str) -> tuple[list[str], list[str]]:
-    """Draws ``num_examples`` (source, target) pairs from one split.
+def generate_examples(seed: int, num_examples: int, split: str) -> tuple[list[str], list[str]]:
+  """Draws ``num_examples`` (source, target) pairs from one split.
 
-    Dates are uniform over the split's dates, styles uniform over
-    ``DATE_FORMATS`` and case variants uniform per style; the result is a
-    deterministic function of ``(seed, num_examples, split)``.
-    """
-    _check_count("seed", seed)
-    _check_count("num_examples", num_examples)
-    _check_split(split)
-    rng = np.random.default_rng([int(seed), _SPLIT_IDS[split]])
-    ordinals = _split_ordinals(split)
-    date_idx = rng.integers(len(ordinals), size=num_examples)
-    style_idx = rng.integers(len(DATE_FORMATS), size=num_examples)
-    # One uniform draw per example picks the case variant; drawing it
-    # vectorised keeps generation fast for large training sets.
-    case_u = rng.random(num_examples)
-    sources: list[str] = []
-    targets: list[str] = []
-    for di, si, u in zip(date_idx.tolist(), style_idx.tolist(), case_u.tolist()):
-        date = datetime.date.fromordinal(int(ordinals[di]))
-        formatter, cases = _STYLES[DATE_FORMATS[si]]
-        case = cases[min(int(u * len(cases)), len(cases) - 1)]
-        sources.append(_apply_case(formatter(date), case))
-        targets.append(date.isoformat())
-    return sources, targets
+  Dates are uniform over the split's dates, styles uniform over
+  ``DATE_FORMATS`` and case variants uniform per style; the result is a
+  deterministic function of ``(seed, num_examples, split)``.
+  """
+  _check_count("seed", seed)
+  _check_count("num_examples", num_examples)
+  _check_split(split)
+  rng = np.random.default_rng([int(seed), _SPLIT_IDS[split]])
+  ordinals = _split_ordinals(split)
+  date_idx = rng.integers(len(ordinals), size=num_examples)
+  style_idx = rng.integers(len(DATE_FORMATS), size=num_examples)
+  # One uniform draw per example picks the case variant; drawing it
+  # vectorised keeps generation fast for large training sets.
+  case_u = rng.random(num_examples)
+  sources: list[str] = []
+  targets: list[str] = []
+  for di, si, u in zip(date_idx.tolist(), style_idx.tolist(), case_u.tolist()):
+    date = datetime.date.fromordinal(int(ordinals[di]))
+    formatter, cases = _STYLES[DATE_FORMATS[si]]
+    case = cases[min(int(u * len(cases)), len(cases) - 1)]
+    sources.append(_apply_case(formatter(date), case))
+    targets.append(date.isoformat())
+  return sources, targets
 
 
-def make_splits(seed: int, num_train: int,
-                num_test: int) -> dict[str, tuple[list[str], list[str]]]:
-    """``{'train': (sources, targets), 'test': (sources, targets)}``."""
-    _check_count("num_train", num_train)
-    _check_count("num_test", num_test)
-    return {
-        "train": generate_examples(seed, num_train, "train"),
-        "test": generate_examples(seed, num_test, "test"),
-    }
+def make_splits(seed: int, num_train: int, num_test: int) -> dict[str, tuple[list[str], list[str]]]:
+  """``{'train': (sources, targets), 'test': (sources, targets)}``."""
+  _check_count("num_train", num_train)
+  _check_count("num_test", num_test)
+  return {
+    "train": generate_examples(seed, num_train, "train"),
+    "test": generate_examples(seed, num_test, "test"),
+  }

@@ -37,10 +37,10 @@ class Seq2SeqData:
 
 def encode_split(vocabulary: CharVocabulary, sources, targets, max_source_length, max_target_length):
   return Seq2SeqSplit(
-      sources=list(sources),
-      targets=list(targets),
-      source_ids_NxS=vocabulary.encode_batch(sources, max_source_length),
-      target_ids_NxL=vocabulary.encode_batch(targets, max_target_length),
+    sources=list(sources),
+    targets=list(targets),
+    source_ids_NxS=vocabulary.encode_batch(sources, max_source_length),
+    target_ids_NxL=vocabulary.encode_batch(targets, max_target_length),
   )
 
 
@@ -52,8 +52,8 @@ def load_dates(data_config) -> Seq2SeqData:
   max_source_length = dates.MAX_SOURCE_LENGTH + 1
   max_target_length = dates.TARGET_LENGTH + 1
   splits = {
-      name: encode_split(vocabulary, sources, targets, max_source_length, max_target_length)
-      for name, (sources, targets) in raw.items()
+    name: encode_split(vocabulary, sources, targets, max_source_length, max_target_length)
+    for name, (sources, targets) in raw.items()
   }
   return Seq2SeqData(vocabulary, splits, max_source_length, max_target_length)
 
@@ -65,8 +65,9 @@ def load_seq2seq_data(data_config) -> Seq2SeqData:
   if data_config.name not in SEQ2SEQ_TASKS:
     raise ConfigError(f"data.name: unknown seq2seq task {data_config.name!r}; known: {sorted(SEQ2SEQ_TASKS)}")
   if data_config.dir:
-    raise ConfigError(f"data.dir: task {data_config.name!r} is generated in code and reads no files; "
-                      "leave data.dir empty")
+    raise ConfigError(
+      f"data.dir: task {data_config.name!r} is generated in code and reads no files; leave data.dir empty"
+    )
   return SEQ2SEQ_TASKS[data_config.name](data_config)
 
 
@@ -82,7 +83,7 @@ def decoder_inputs(target_ids_BxL: np.ndarray, bos_id: int) -> np.ndarray:
 def make_batch(split: Seq2SeqSplit, indices: np.ndarray, bos_id: int) -> dict[str, np.ndarray]:
   targets = split.target_ids_NxL[indices]
   return {
-      "source": split.source_ids_NxS[indices],
-      "decoder_input": decoder_inputs(targets, bos_id),
-      "target": targets,
+    "source": split.source_ids_NxS[indices],
+    "decoder_input": decoder_inputs(targets, bos_id),
+    "target": targets,
   }

@@ -23,133 +23,130 @@ _JSON_VERSION = 1
 
 
 class CharVocabulary:
-    PAD_ID = 0
-    BOS_ID = 1
-    EOS_ID = 2
-    UNK_ID = 3
+  PAD_ID = 0
+  BOS_ID = 1
+  EOS_ID = 2
+  UNK_ID = 3
 
-    def __init__(self, characters: str):
-        if not isinstance(characters, str):
-            raise ValueError(
-                f"characters must be a str, got {type(characters).__name__}")
-        if not characters:
-            raise ValueError("characters must not be empty")
-        seen: set[str] = set()
-        duplicates: set[str] = set()
-        for c in characters:
-            (duplicates if c in seen else seen).add(c)
-        if duplicates:
-            raise ValueError(
-                f"duplicate characters in vocabulary: {''.join(sorted(duplicates))!r}")
-        if UNK_CHAR in seen:
-            raise ValueError(
-                f"character {UNK_CHAR!r} is reserved for decoding UNK_ID")
-        self._chars = characters
-        self._char_to_id = {c: i + NUM_SPECIAL for i, c in enumerate(characters)}
+  def __init__(self, characters: str):
+    if not isinstance(characters, str):
+      raise ValueError(f"characters must be a str, got {type(characters).__name__}")
+    if not characters:
+      raise ValueError("characters must not be empty")
+    seen: set[str] = set()
+    duplicates: set[str] = set()
+    for c in characters:
+      (duplicates if c in seen else seen).add(c)
+    if duplicates:
+      raise ValueError(f"duplicate characters in vocabulary: {''.join(sorted(duplicates))!r}")
+    if UNK_CHAR in seen:
+      raise ValueError(f"character {UNK_CHAR!r} is reserved for decoding UNK_ID")
+    self._chars = characters
+    self._char_to_id = {c: i + NUM_SPECIAL for i, c in enumerate(characters)}
 
-    @classmethod
-    def from_texts(cls, texts: Iterable[str]) -> "CharVocabulary":
-        """Vocabulary of the sorted set of characters occurring in ``texts``."""
-        if isinstance(texts, str):
-            # A bare string is almost always a mistake for [string]; be
-            # explicit instead of silently iterating its characters.
-            raise ValueError("texts must be an iterable of strings, not a str")
-        chars: set[str] = set()
-        for text in texts:
-            if not isinstance(text, str):
-                raise ValueError(f"texts must contain str, got {text!r}")
-            chars.update(text)
-        return cls("".join(sorted(chars)))
+  @classmethod
+  def from_texts(cls, texts: Iterable[str]) -> "CharVocabulary":
+    """Vocabulary of the sorted set of characters occurring in ``texts``."""
+    if isinstance(texts, str):
+      # A bare string is almost always a mistake for [string]; be
+      # explicit instead of silently iterating its characters.
+      raise ValueError("texts must be an iterable of strings, not a str")
+    chars: set[str] = set()
+    for text in texts:
+      if not isinstance(text, str):
+        raise ValueError(f"texts must contain str, got {text!r}")
+      chars.update(text)
+    return cls("".join(sorted(chars)))
 
-    @property
-    def characters(self) -> str:
-        return self._chars
+  @property
+  def characters(self) -> str:
+    return self._chars
 
-    @property
-    def size(self) -> int:
-        """Number of ids, specials included (the embedding table size)."""
-        return NUM_SPECIAL + len(self._chars)
+  @property
+  def size(self) -> int:
+    """Number of ids, specials included (the embedding table size)."""
+    return NUM_SPECIAL + len(self._chars)
 
-    def __len__(self) -> int:
-        return self.size
+  def __len__(self) -> int:
+    return self.size
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, CharVocabulary):
-            return NotImplemented
-        return self._chars == other._chars
+  def __eq__(self, other: object) -> bool:
+    if not isinstance(other, CharVocabulary):
+      return NotImplemented
+    return self._chars == other._chars
 
-    def __hash__(self) -> int:
-        return hash(self._chars)
+  def __hash__(self) -> int:
+    return hash(self._chars)
 
-    def __repr__(self) -> str:
-        return f"CharVocabulary({self._chars!r})"
+  def __repr__(self) -> str:
+    return f"CharVocabulary({self._chars!r})"
 
-    def encode(self, text: str, *, add_bos: bool = False,
-               add_eos: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise ValueError(f"text must be a str, got {text!r}")
-        ids = [self._char_to_id.get(c, self.UNK_ID) for c in text]
-        if add_bos:
-            ids.insert(0, self.BOS_ID)
-        if add_eos:
-            ids.append(self.EOS_ID)
-        return ids
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = True) -> list[int]:
+    if not isinstance(text, str):
+      raise ValueError(f"text must be a str, got {text!r}")
+    ids = [self._char_to_id.get(c, self.UNK_ID) for c in text]
+    if add_bos:
+      ids.insert(0, self.BOS_ID)
+    if add_eos:
+      ids.append(self.EOS_ID)
+    return ids
 
-    def decode(self, ids) -> str:
-        """Text of ``ids`` up to the first EOS; PAD and BOS are skipped."""
-        arr = np.asarray(ids)
-        if arr.ndim != 1:
-            raise ValueError(f"decode expects a 1-D id sequence, got shape {arr.shape}")
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
-        out: list[str] = []
-        for i in arr.tolist():
-            if i == self.EOS_ID:
-                break
-            if i in (self.PAD_ID, self.BOS_ID):
-                continue
-            if i == self.UNK_ID:
-                out.append(UNK_CHAR)
-                continue
-            if not NUM_SPECIAL <= i < self.size:
-                raise ValueError(f"id {i} out of range [0, {self.size})")
-            out.append(self._chars[i - NUM_SPECIAL])
-        return "".join(out)
+  def decode(self, ids) -> str:
+    """Text of ``ids`` up to the first EOS; PAD and BOS are skipped."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+      raise ValueError(f"decode expects a 1-D id sequence, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+      raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
+    out: list[str] = []
+    for i in arr.tolist():
+      if i == self.EOS_ID:
+        break
+      if i in (self.PAD_ID, self.BOS_ID):
+        continue
+      if i == self.UNK_ID:
+        out.append(UNK_CHAR)
+        continue
+      if not NUM_SPECIAL <= i < self.size:
+        raise ValueError(f"id {i} out of range [0, {self.size})")
+      out.append(self._chars[i - NUM_SPECIAL])
+    return "".join(out)
 
-    def encode_batch(self, texts: Sequence[str], max_length: int, *,
-                     add_bos: bool = False, add_eos: bool = True) -> np.ndarray:
-        """int32 ``[len(texts), max_length]`` ids, right-padded with PAD_ID."""
-        if isinstance(texts, str):
-            raise ValueError("texts must be a sequence of strings, not a str")
-        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)):
-            raise ValueError(f"max_length must be an int, got {max_length!r}")
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
-        batch = np.full((len(texts), int(max_length)), self.PAD_ID, dtype=np.int32)
-        for row, text in enumerate(texts):
-            ids = self.encode(text, add_bos=add_bos, add_eos=add_eos)
-            if len(ids) > max_length:
-                raise ValueError(
-                    f"text {text!r} (index {row}) encodes to {len(ids)} ids "
-                    f"(len {len(text)} + bos={add_bos} + eos={add_eos}), "
-                    f"more than max_length={max_length}")
-            batch[row, :len(ids)] = ids
-        return batch
+  def encode_batch(
+    self, texts: Sequence[str], max_length: int, *, add_bos: bool = False, add_eos: bool = True
+  ) -> np.ndarray:
+    """int32 ``[len(texts), max_length]`` ids, right-padded with PAD_ID."""
+    if isinstance(texts, str):
+      raise ValueError("texts must be a sequence of strings, not a str")
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)):
+      raise ValueError(f"max_length must be an int, got {max_length!r}")
+    if max_length < 1:
+      raise ValueError(f"max_length must be >= 1, got {max_length}")
+    batch = np.full((len(texts), int(max_length)), self.PAD_ID, dtype=np.int32)
+    for row, text in enumerate(texts):
+      ids = self.encode(text, add_bos=add_bos, add_eos=add_eos)
+      if len(ids) > max_length:
+        raise ValueError(
+          f"text {text!r} (index {row}) encodes to {len(ids)} ids "
+          f"(len {len(text)} + bos={add_bos} + eos={add_eos}), "
+          f"more than max_length={max_length}"
+        )
+      batch[row, : len(ids)] = ids
+    return batch
 
-    def to_json(self) -> str:
-        return json.dumps({"kind": _JSON_KIND, "version": _JSON_VERSION,
-                           "characters": self._chars})
+  def to_json(self) -> str:
+    return json.dumps({"kind": _JSON_KIND, "version": _JSON_VERSION, "characters": self._chars})
 
-    @classmethod
-    def from_json(cls, s: str) -> "CharVocabulary":
-        try:
-            data = json.loads(s)
-        except (TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"not a CharVocabulary JSON document: {e}") from e
-        if not isinstance(data, dict) or data.get("kind") != _JSON_KIND:
-            raise ValueError(f"not a CharVocabulary JSON document: {s!r:.200}")
-        if data.get("version") != _JSON_VERSION:
-            raise ValueError(
-                f"unsupported CharVocabulary JSON version {data.get('version')!r}, "
-                f"expected {_JSON_VERSION}")
-        return cls(data["characters"])
+  @classmethod
+  def from_json(cls, s: str) -> "CharVocabulary":
+    try:
+      data = json.loads(s)
+    except (TypeError, json.JSONDecodeError) as e:
+      raise ValueError(f"not a CharVocabulary JSON document: {e}") from e
+    if not isinstance(data, dict) or data.get("kind") != _JSON_KIND:
+      raise ValueError(f"not a CharVocabulary JSON document: {s!r:.200}")
+    if data.get("version") != _JSON_VERSION:
+      raise ValueError(
+        f"unsupported CharVocabulary JSON version {data.get('version')!r}, expected {_JSON_VERSION}"
+      )
+    return cls(data["characters"])

@@ -34,10 +34,10 @@ class DispatchSlots:
 
 
 def assign_slots(
-    expert_indices_TxK: jax.Array,
-    num_experts: int,
-    capacity: int,
-    token_mask_T: jax.Array | None = None,
+  expert_indices_TxK: jax.Array,
+  num_experts: int,
+  capacity: int,
+  token_mask_T: jax.Array | None = None,
 ) -> DispatchSlots:
   """Gives each assignment a position inside its expert's buffer, or drops it."""
   num_tokens, top_k = expert_indices_TxK.shape

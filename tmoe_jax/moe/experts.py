@@ -15,11 +15,20 @@ from tmoe_jax.feedforward import ACTIVATIONS
 class MlpExperts(nnx.Module):
   """E two-layer MLPs D -> F -> D with stacked weights [E, D, F] and [E, F, D]."""
 
-  def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str = "relu",
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_experts: int,
+    d_model: int,
+    d_ff: int,
+    *,
+    activation: str = "relu",
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     # Fan-in init per expert, as each expert is an ordinary dense layer.
-    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
-                                             batch_axis=(0,))
+    init = nnx.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
+    )
     self.activation = ACTIVATIONS[activation]
     self.dtype = dtype
     self.w_in_ExDxF = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff)))

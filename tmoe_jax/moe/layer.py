@@ -41,40 +41,70 @@ class MoEFeedForward(nnx.Module):
   def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
     self.config = config
     # The router stays float32: its softmax decides discrete choices.
-    self.router = nnx.Linear(config.d_model, config.num_experts, use_bias=False, dtype=jnp.float32,
-                             kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.experts = MlpExperts(config.num_experts, config.d_model, config.d_ff,
-                              activation=config.activation, dtype=config.dtype, rngs=rngs)
+    self.router = nnx.Linear(
+      config.d_model,
+      config.num_experts,
+      use_bias=False,
+      dtype=jnp.float32,
+      kernel_init=nnx.initializers.normal(0.02),
+      rngs=rngs,
+    )
+    self.experts = MlpExperts(
+      config.num_experts,
+      config.d_model,
+      config.d_ff,
+      activation=config.activation,
+      dtype=config.dtype,
+      rngs=rngs,
+    )
 
-  def __call__(self, x_BxLxD: jax.Array, token_mask_BxL: jax.Array | None = None, *,
-               deterministic: bool = True) -> tuple[jax.Array, MoEAux]:
+  def __call__(
+    self,
+    x_BxLxD: jax.Array,
+    token_mask_BxL: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    drop_tokens: bool = True,
+  ) -> tuple[jax.Array, MoEAux]:
+    """Returns the layer output [B, L, D] and its routing statistics.
+
+    `drop_tokens=False` gives every expert room for all tokens (used when decoding
+    one token at a time, where a dropped token would corrupt the generated output).
+    """
     config = self.config
     batch, length, d_model = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(batch * length, d_model)
     token_mask_T = None if token_mask_BxL is None else token_mask_BxL.reshape(-1)
 
-    route = top_k_route(self.router(x_TxD.astype(jnp.float32)), config.top_k,
-                        normalize_gates=config.normalize_gates)
-    capacity = config.capacity(batch * length, training=not deterministic)
+    route = top_k_route(
+      self.router(x_TxD.astype(jnp.float32)), config.top_k, normalize_gates=config.normalize_gates
+    )
+    num_tokens = batch * length
+    capacity = config.capacity(num_tokens, training=not deterministic) if drop_tokens else num_tokens
     slots = dispatch_lib.assign_slots(route.expert_indices_TxK, config.num_experts, capacity, token_mask_T)
     expert_in_ExCxD = dispatch_lib.dispatch_tokens(x_TxD, slots, config.num_experts, capacity)
     expert_out_ExCxD = self.experts(expert_in_ExCxD)
     y_TxD = dispatch_lib.combine_outputs(expert_out_ExCxD, slots, route.gates_TxK).astype(x_BxLxD.dtype)
 
     aux = MoEAux(
-        load_balancing_loss=losses.load_balancing_loss(route.router_probs_TxE, route.expert_indices_TxK,
-                                                       token_mask_T),
-        router_z_loss=losses.router_z_loss(route.router_logits_TxE, token_mask_T),
-        expert_fraction_E=losses.expert_assignment_fraction(route.expert_indices_TxK, config.num_experts,
-                                                            token_mask_T),
-        dropped_fraction=_dropped_fraction(slots.kept_TxK, token_mask_T),
-        router_entropy=losses.router_entropy(route.router_probs_TxE, token_mask_T),
+      load_balancing_loss=losses.load_balancing_loss(
+        route.router_probs_TxE, route.expert_indices_TxK, token_mask_T
+      ),
+      router_z_loss=losses.router_z_loss(route.router_logits_TxE, token_mask_T),
+      expert_fraction_E=losses.expert_assignment_fraction(
+        route.expert_indices_TxK, config.num_experts, token_mask_T
+      ),
+      dropped_fraction=_dropped_fraction(slots.kept_TxK, token_mask_T),
+      router_entropy=losses.router_entropy(route.router_probs_TxE, token_mask_T),
     )
     return y_TxD.reshape(batch, length, d_model), aux
 
 
 def _dropped_fraction(kept_TxK: jax.Array, token_mask_T: jax.Array | None) -> jax.Array:
-  routed_TxK = jnp.ones_like(kept_TxK) if token_mask_T is None else jnp.broadcast_to(
-      token_mask_T[:, None], kept_TxK.shape)
+  routed_TxK = (
+    jnp.ones_like(kept_TxK)
+    if token_mask_T is None
+    else jnp.broadcast_to(token_mask_T[:, None], kept_TxK.shape)
+  )
   dropped = jnp.sum(routed_TxK & ~kept_TxK)
   return dropped / jnp.maximum(jnp.sum(routed_TxK), 1)

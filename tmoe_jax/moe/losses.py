@@ -17,13 +17,13 @@ def _token_weights(num_tokens: int, token_mask_T: jax.Array | None) -> jax.Array
 
 
 def expert_assignment_fraction(
-    expert_indices_TxK: jax.Array, num_experts: int, token_mask_T: jax.Array | None = None
+  expert_indices_TxK: jax.Array, num_experts: int, token_mask_T: jax.Array | None = None
 ) -> jax.Array:
   """f_e, float32 [E]: the fraction of all routing assignments (over the k choices) that go to e."""
   num_tokens, top_k = expert_indices_TxK.shape
   weights_T = _token_weights(num_tokens, token_mask_T)
   counts_E = jnp.einsum(
-      "tke,t->e", jax.nn.one_hot(expert_indices_TxK, num_experts, dtype=jnp.float32), weights_T
+    "tke,t->e", jax.nn.one_hot(expert_indices_TxK, num_experts, dtype=jnp.float32), weights_T
   )
   return counts_E / jnp.maximum(jnp.sum(weights_T) * top_k, 1.0)
 
@@ -36,7 +36,7 @@ def mean_router_probability(router_probs_TxE: jax.Array, token_mask_T: jax.Array
 
 
 def load_balancing_loss(
-    router_probs: jax.Array, expert_indices: jax.Array, token_mask: jax.Array | None = None
+  router_probs: jax.Array, expert_indices: jax.Array, token_mask: jax.Array | None = None
 ) -> jax.Array:
   """Switch Transformer loss E * sum_e f_e * P_e; 1.0 at perfect balance.
 

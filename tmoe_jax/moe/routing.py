@@ -45,8 +45,8 @@ def top_k_route(router_logits_TxE: jax.Array, top_k: int, *, normalize_gates: bo
   if normalize_gates and top_k > 1:
     gates_TxK = gates_TxK / jnp.sum(gates_TxK, axis=-1, keepdims=True)
   return RouteOutput(
-      expert_indices_TxK=expert_indices_TxK.astype(jnp.int32),
-      gates_TxK=gates_TxK,
-      router_probs_TxE=router_probs_TxE,
-      router_logits_TxE=router_logits_TxE,
+    expert_indices_TxK=expert_indices_TxK.astype(jnp.int32),
+    gates_TxK=gates_TxK,
+    router_probs_TxE=router_probs_TxE,
+    router_logits_TxE=router_logits_TxE,
   )

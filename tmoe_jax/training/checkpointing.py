@@ -41,16 +41,20 @@ def abstract_like(state: TrainState) -> TrainState:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, step: int | None = None) -> TrainState:
+def restore(
+  manager: ocp.CheckpointManager, abstract_state: TrainState, step: int | None = None
+) -> TrainState:
   """Restores the checkpoint at `step` (default: newest) into the structure of `abstract_state`."""
   step = manager.latest_step() if step is None else step
   if step is None:
     raise WorkdirError(f"{manager.directory}: no checkpoint to restore")
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(
-        abstract_state)}))
+    restored = manager.restore(
+      step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
+    )
   except (ValueError, KeyError, TypeError) as error:
     raise WorkdirError(
-        f"{manager.directory}/{step}: checkpoint does not match the current model config "
-        f"(was it written with other model settings?): {error}") from error
+      f"{manager.directory}/{step}: checkpoint does not match the current model config "
+      f"(was it written with other model settings?): {error}"
+    ) from error
   return restored[STATE_ITEM]

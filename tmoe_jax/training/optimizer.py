@@ -8,20 +8,26 @@ from tmoe_jax.errors import ConfigError
 
 
 def constant_schedule(train_config) -> optax.Schedule:
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, train_config.learning_rate, train_config.warmup_steps),
-       optax.constant_schedule(train_config.learning_rate)],
+  return (
+    optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, train_config.learning_rate, train_config.warmup_steps),
+        optax.constant_schedule(train_config.learning_rate),
+      ],
       [train_config.warmup_steps],
-  ) if train_config.warmup_steps else optax.constant_schedule(train_config.learning_rate)
+    )
+    if train_config.warmup_steps
+    else optax.constant_schedule(train_config.learning_rate)
+  )
 
 
 def cosine_schedule(train_config) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=train_config.learning_rate,
-      warmup_steps=train_config.warmup_steps,
-      decay_steps=max(train_config.num_steps, train_config.warmup_steps + 1),
-      end_value=train_config.learning_rate * train_config.final_learning_rate_fraction,
+    init_value=0.0,
+    peak_value=train_config.learning_rate,
+    warmup_steps=train_config.warmup_steps,
+    decay_steps=max(train_config.num_steps, train_config.warmup_steps + 1),
+    end_value=train_config.learning_rate * train_config.final_learning_rate_fraction,
   )
 
 
@@ -37,11 +43,11 @@ def make_schedule(train_config) -> optax.Schedule:
 def make_optimizer(train_config) -> optax.GradientTransformation:
   """Adam (b1=0.9, b2=0.98 as in Vaswani et al.), optional global-norm clipping first."""
   adam = optax.adamw(
-      learning_rate=make_schedule(train_config),
-      b1=train_config.adam_b1,
-      b2=train_config.adam_b2,
-      eps=1e-9,
-      weight_decay=train_config.weight_decay,
+    learning_rate=make_schedule(train_config),
+    b1=train_config.adam_b1,
+    b2=train_config.adam_b2,
+    eps=1e-9,
+    weight_decay=train_config.weight_decay,
   )
   if train_config.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), adam)

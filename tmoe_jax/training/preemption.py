@@ -28,8 +28,9 @@ class PreemptionGuard:
       os._exit(128 + signum)
     self.requested = True
     self.signal_name = signal.Signals(signum).name
-    sys.stderr.write(f"\n{self.signal_name} received: saving a checkpoint and stopping "
-                     "(send it again to exit at once)\n")
+    sys.stderr.write(
+      f"\n{self.signal_name} received: saving a checkpoint and stopping (send it again to exit at once)\n"
+    )
 
   def __enter__(self):
     # Signal handlers can only be installed from the main thread (not from a notebook worker).

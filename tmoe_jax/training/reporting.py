@@ -34,8 +34,11 @@ class MetricsWriter:
   def __init__(self, workdir: pathlib.Path, *, resume_step: int):
     self.path = pathlib.Path(workdir) / METRICS_FILE
     if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      kept = [
+        line
+        for line in self.path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= resume_step
+      ]
       self.path.write_text("".join(line + "\n" for line in kept))
 
   def write(self, row: Mapping[str, Any]) -> None:
@@ -66,6 +69,7 @@ def write_results(workdir: pathlib.Path, results: Mapping[str, Any]) -> pathlib.
 def plot_loss_curve(workdir: pathlib.Path) -> pathlib.Path | None:
   """Training loss (and eval loss when logged) against step, as a PNG."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

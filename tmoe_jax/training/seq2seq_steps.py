@@ -55,34 +55,41 @@ def routing_metrics(auxes: tuple[MoEAux, ...]) -> dict[str, jax.Array]:
   if not auxes:
     return {}
   return {
-      "expert_fraction": jnp.stack([aux.expert_fraction_E for aux in auxes]),
-      "dropped_fraction": jnp.stack([aux.dropped_fraction for aux in auxes]),
-      "router_entropy": jnp.stack([aux.router_entropy for aux in auxes]),
+    "expert_fraction": jnp.stack([aux.expert_fraction_E for aux in auxes]),
+    "dropped_fraction": jnp.stack([aux.dropped_fraction for aux in auxes]),
+    "router_entropy": jnp.stack([aux.router_entropy for aux in auxes]),
   }
 
 
 def train_step(
-    state: TrainState,
-    batch: dict[str, jax.Array],
-    *,
-    graphdef: nnx.GraphDef,
-    optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    loss_weights: LossWeights,
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  loss_weights: LossWeights,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update; returns the new state and float metrics of this batch."""
   rng, dropout_key = jax.random.split(state.rng)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
-    logits, auxes = model(batch["source"], batch["decoder_input"], deterministic=False,
-                          rngs=nnx.Rngs(dropout=dropout_key))
+    logits, auxes = model(
+      batch["source"], batch["decoder_input"], deterministic=False, rngs=nnx.Rngs(dropout=dropout_key)
+    )
     loss_sum, num_tokens = token_cross_entropy(logits, batch["target"], loss_weights.label_smoothing)
     task_loss = loss_sum / jnp.maximum(num_tokens, 1.0)
     balance, z = moe_losses(auxes)
     aux_loss = loss_weights.load_balancing * balance + loss_weights.router_z * z
-    metrics = {"loss": task_loss, "aux_loss": aux_loss, "load_balancing_loss": balance, "router_z_loss": z,
-               "num_tokens": num_tokens, **routing_metrics(auxes)}
+    metrics = {
+      "loss": task_loss,
+      "aux_loss": aux_loss,
+      "load_balancing_loss": balance,
+      "router_z_loss": z,
+      "num_tokens": num_tokens,
+      **routing_metrics(auxes),
+    }
     return task_loss + aux_loss, metrics
 
   grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -108,26 +115,54 @@ def decode_step_fn(model) -> Callable:
   return lambda tokens_B, cache, step: model.decode_step(tokens_B, cache, step)
 
 
-def decode_batch(params: nnx.State, source_BxS: jax.Array, *, graphdef: nnx.GraphDef, max_length: int,
-                 beam_size: int, bos_id: int, eos_id: int, length_penalty: float = 0.6) -> jax.Array:
+def decode_batch(
+  params: nnx.State,
+  source_BxS: jax.Array,
+  *,
+  graphdef: nnx.GraphDef,
+  max_length: int,
+  beam_size: int,
+  bos_id: int,
+  eos_id: int,
+  length_penalty: float = 0.6,
+) -> jax.Array:
   """Decodes [B, S] sources to int32 [B, max_length] tokens: greedy if beam_size == 1, else the best beam."""
   model = nnx.merge(graphdef, params)
   encoded_BxSxD, _ = model.encode(source_BxS)
   cache = model.init_decode_cache(encoded_BxSxD, source_BxS, max_length)
   batch_size = source_BxS.shape[0]
   if beam_size == 1:
-    return decoding.greedy_decode(decode_step_fn(model), cache, batch_size=batch_size, max_length=max_length,
-                                  bos_id=bos_id, eos_id=eos_id, pad_id=PAD_ID)
-  sequences, _ = decoding.beam_search(decode_step_fn(model), cache, batch_size=batch_size, beam_size=beam_size,
-                                      max_length=max_length, bos_id=bos_id, eos_id=eos_id, pad_id=PAD_ID,
-                                      length_penalty=length_penalty)
+    return decoding.greedy_decode(
+      decode_step_fn(model),
+      cache,
+      batch_size=batch_size,
+      max_length=max_length,
+      bos_id=bos_id,
+      eos_id=eos_id,
+      pad_id=PAD_ID,
+    )
+  sequences, _ = decoding.beam_search(
+    decode_step_fn(model),
+    cache,
+    batch_size=batch_size,
+    beam_size=beam_size,
+    max_length=max_length,
+    bos_id=bos_id,
+    eos_id=eos_id,
+    pad_id=PAD_ID,
+    length_penalty=length_penalty,
+  )
   return sequences[:, 0]
 
 
 def jit_train_step(graphdef, optimizer, schedule, loss_weights):
   # The state is donated: its buffers are reused for the new state, halving peak memory.
-  return jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
-                                   loss_weights=loss_weights), donate_argnums=0)
+  return jax.jit(
+    functools.partial(
+      train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule, loss_weights=loss_weights
+    ),
+    donate_argnums=0,
+  )
 
 
 def jit_eval_step(graphdef):
@@ -135,5 +170,14 @@ def jit_eval_step(graphdef):
 
 
 def jit_decode(graphdef, *, max_length, beam_size, bos_id, eos_id, length_penalty=0.6):
-  return jax.jit(functools.partial(decode_batch, graphdef=graphdef, max_length=max_length, beam_size=beam_size,
-                                   bos_id=bos_id, eos_id=eos_id, length_penalty=length_penalty))
+  return jax.jit(
+    functools.partial(
+      decode_batch,
+      graphdef=graphdef,
+      max_length=max_length,
+      beam_size=beam_size,
+      bos_id=bos_id,
+      eos_id=eos_id,
+      length_penalty=length_penalty,
+    )
+  )

@@ -27,7 +27,7 @@ from tmoe_jax.training import checkpointing, reporting
 from tmoe_jax.training import seq2seq_steps as steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.preemption import PreemptionGuard
-from tmoe_jax.training.state import TrainState, count_params, create_train_state
+from tmoe_jax.training.state import count_params, create_train_state
 from tmoe_jax.transformer import Transformer
 
 CONFIG_FILE = "config.json"
@@ -52,14 +52,16 @@ def prepare_workdir(workdir: pathlib.Path, config) -> None:
   if saved_path.exists():
     saved = json.loads(saved_path.read_text())
     differences = [
-        f"{section}.{key}: saved {saved.get(section, {}).get(key)!r}, now {current[section].get(key)!r}"
-        for section in RESUME_INCOMPATIBLE_SECTIONS
-        for key in sorted(set(saved.get(section, {})) | set(current[section]))
-        if saved.get(section, {}).get(key) != current[section].get(key)
+      f"{section}.{key}: saved {saved.get(section, {}).get(key)!r}, now {current[section].get(key)!r}"
+      for section in RESUME_INCOMPATIBLE_SECTIONS
+      for key in sorted(set(saved.get(section, {})) | set(current[section]))
+      if saved.get(section, {}).get(key) != current[section].get(key)
     ]
     if differences:
-      raise WorkdirError(f"{saved_path}: this workdir was written by an incompatible config; use another "
-                         "--workdir or the same settings. Differences: " + "; ".join(differences))
+      raise WorkdirError(
+        f"{saved_path}: this workdir was written by an incompatible config; use another "
+        "--workdir or the same settings. Differences: " + "; ".join(differences)
+      )
   saved_path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
@@ -68,8 +70,17 @@ def build_model(config, vocab_size: int, seed: int) -> Transformer:
   return Transformer(model_config, rngs=nnx.Rngs(params=seed))
 
 
-def evaluate(params, graphdef, split: Seq2SeqSplit, vocabulary: CharVocabulary, eval_config, *,
-             num_examples: int | None = None, eval_fn=None, decode_fn=None) -> dict[str, float]:
+def evaluate(
+  params,
+  graphdef,
+  split: Seq2SeqSplit,
+  vocabulary: CharVocabulary,
+  eval_config,
+  *,
+  num_examples: int | None = None,
+  eval_fn=None,
+  decode_fn=None,
+) -> dict[str, float]:
   """Teacher-forced loss and token accuracy, and exact match / token accuracy of decoded outputs."""
   num_examples = len(split) if num_examples is None else min(num_examples, len(split))
   loss_sum = correct_forced = forced_tokens = 0.0
@@ -89,11 +100,11 @@ def evaluate(params, graphdef, split: Seq2SeqSplit, vocabulary: CharVocabulary, 
     correct_decoded += int(np.sum((decoded == targets) & valid))
     target_tokens += int(np.sum(valid))
   return {
-      "loss": loss_sum / max(forced_tokens, 1.0),
-      "teacher_forced_accuracy": correct_forced / max(forced_tokens, 1.0),
-      "exact_match": exact / max(num_examples, 1),
-      "token_accuracy": correct_decoded / max(target_tokens, 1),
-      "num_examples": num_examples,
+    "loss": loss_sum / max(forced_tokens, 1.0),
+    "teacher_forced_accuracy": correct_forced / max(forced_tokens, 1.0),
+    "exact_match": exact / max(num_examples, 1),
+    "token_accuracy": correct_decoded / max(target_tokens, 1),
+    "num_examples": num_examples,
   }
 
 
@@ -122,8 +133,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   data: Seq2SeqData = load_seq2seq_data(config.data)
   model = build_model(config, data.vocabulary.size, config.train.seed)
   if max(data.max_source_length, data.max_target_length) > model.config.max_length:
-    raise ConfigError(f"model.max_length: must be >= the longest sequence "
-                      f"({max(data.max_source_length, data.max_target_length)}), got {model.config.max_length}")
+    raise ConfigError(
+      f"model.max_length: must be >= the longest sequence "
+      f"({max(data.max_source_length, data.max_target_length)}), got {model.config.max_length}"
+    )
   prepare_workdir(workdir, config)
   (workdir / VOCABULARY_FILE).write_text(data.vocabulary.to_json())
 
@@ -138,13 +151,19 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     print(f"resumed from {manager.directory}/{int(state.step)}")
   start_step = int(state.step)
 
-  loss_weights = steps.LossWeights(train_config.label_smoothing, config.model.load_balancing_weight,
-                                   config.model.router_z_weight)
+  loss_weights = steps.LossWeights(
+    train_config.label_smoothing, config.model.load_balancing_weight, config.model.router_z_weight
+  )
   train_step = steps.jit_train_step(graphdef, optimizer, schedule, loss_weights)
   eval_fn = steps.jit_eval_step(graphdef)
-  decode_fn = steps.jit_decode(graphdef, max_length=data.max_target_length, beam_size=config.eval.beam_size,
-                               bos_id=data.vocabulary.BOS_ID, eos_id=data.vocabulary.EOS_ID,
-                               length_penalty=config.eval.length_penalty)
+  decode_fn = steps.jit_decode(
+    graphdef,
+    max_length=data.max_target_length,
+    beam_size=config.eval.beam_size,
+    bos_id=data.vocabulary.BOS_ID,
+    eos_id=data.vocabulary.EOS_ID,
+    length_penalty=config.eval.length_penalty,
+  )
   writer = reporting.MetricsWriter(workdir, resume_step=start_step)
   train_split, test_split = data.splits["train"], data.splits["test"]
 
@@ -155,9 +174,16 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   def log_train(step, metrics, tokens_per_second):
     metrics = jax.device_get(metrics)
     if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-      raise TrainingDivergedError(f"non-finite loss {metrics['loss']} or gradient norm "
-                                  f"{metrics['grad_norm']} at step {step}; the last finite checkpoint is kept")
-    row = {"step": step, "split": "train", **reporting.to_python(metrics), "tokens_per_second": tokens_per_second}
+      raise TrainingDivergedError(
+        f"non-finite loss {metrics['loss']} or gradient norm "
+        f"{metrics['grad_norm']} at step {step}; the last finite checkpoint is kept"
+      )
+    row = {
+      "step": step,
+      "split": "train",
+      **reporting.to_python(metrics),
+      "tokens_per_second": tokens_per_second,
+    }
     writer.write(row)
     return row
 
@@ -172,8 +198,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   train_seconds = 0.0
   tokens_since_log, time_of_log = 0, time.perf_counter()
   stopped_by = ""
-  progress = tqdm.tqdm(total=train_config.num_steps, initial=start_step, disable=not train_config.progress_bar,
-                       dynamic_ncols=True, mininterval=1.0, desc="train")
+  progress = tqdm.tqdm(
+    total=train_config.num_steps,
+    initial=start_step,
+    disable=not train_config.progress_bar,
+    dynamic_ncols=True,
+    mininterval=1.0,
+    desc="train",
+  )
   with PreemptionGuard() as guard:
     for step in range(start_step, train_config.num_steps):
       step_start = time.perf_counter()
@@ -191,9 +223,16 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
       train_seconds += time.perf_counter() - step_start
       progress.update(1)
       if train_config.eval_every and done % train_config.eval_every == 0 and done < train_config.num_steps:
-        result = evaluate(state.params, graphdef, test_split, data.vocabulary, config.eval,
-                          num_examples=config.eval.num_examples_during_training, eval_fn=eval_fn,
-                          decode_fn=decode_fn)
+        result = evaluate(
+          state.params,
+          graphdef,
+          test_split,
+          data.vocabulary,
+          config.eval,
+          num_examples=config.eval.num_examples_during_training,
+          eval_fn=eval_fn,
+          decode_fn=decode_fn,
+        )
         writer.write({"step": done, "split": "test", **result})
         progress.write(f"step {done}: test exact_match={result['exact_match']:.4f} loss={result['loss']:.4f}")
       if train_config.checkpoint_every and done % train_config.checkpoint_every == 0:
@@ -204,35 +243,39 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     progress.close()
     if last_metrics is not None:
       final_step, final_metrics = pending.swap(None, None)
-      if final_step is not None and (final_step % train_config.log_every == 0 or
-                                     final_step == train_config.num_steps or stopped_by):
+      if final_step is not None and (
+        final_step % train_config.log_every == 0 or final_step == train_config.num_steps or stopped_by
+      ):
         log_train(final_step, final_metrics, tokens_since_log / max(time.perf_counter() - time_of_log, 1e-9))
     save_if_finite(state, last_metrics)
     manager.wait_until_finished()
   if stopped_by:
-    print(f"stopped by {stopped_by} at step {int(state.step)}; checkpoint saved in {manager.directory}. "
-          "Run the same command again to resume.")
+    print(
+      f"stopped by {stopped_by} at step {int(state.step)}; checkpoint saved in {manager.directory}. "
+      "Run the same command again to resume."
+    )
     return {"stopped_at_step": int(state.step)}
 
-  test = evaluate(state.params, graphdef, test_split, data.vocabulary, config.eval, eval_fn=eval_fn,
-                  decode_fn=decode_fn)
+  test = evaluate(
+    state.params, graphdef, test_split, data.vocabulary, config.eval, eval_fn=eval_fn, decode_fn=decode_fn
+  )
   writer.write({"step": int(state.step), "split": "test", **test})
   rows = reporting.read_metrics(workdir)
   train_rows = [r for r in rows if r.get("split") == "train"]
   trained_steps = int(state.step) - start_step
   results = {
-      "exact_match": test["exact_match"],
-      "token_accuracy": test["token_accuracy"],
-      "test_loss": test["loss"],
-      "test_teacher_forced_accuracy": test["teacher_forced_accuracy"],
-      "test_examples": test["num_examples"],
-      "final_train_loss": train_rows[-1]["loss"] if train_rows else float("nan"),
-      "final_aux_loss": train_rows[-1]["aux_loss"] if train_rows else float("nan"),
-      "steps": int(state.step),
-      "parameters": num_params,
-      "train_time_seconds": train_seconds,
-      "steps_per_second_this_run": trained_steps / train_seconds if train_seconds else 0.0,
-      "decode": "greedy" if config.eval.beam_size == 1 else f"beam{config.eval.beam_size}",
+    "exact_match": test["exact_match"],
+    "token_accuracy": test["token_accuracy"],
+    "test_loss": test["loss"],
+    "test_teacher_forced_accuracy": test["teacher_forced_accuracy"],
+    "test_examples": test["num_examples"],
+    "final_train_loss": train_rows[-1]["loss"] if train_rows else float("nan"),
+    "final_aux_loss": train_rows[-1]["aux_loss"] if train_rows else float("nan"),
+    "steps": int(state.step),
+    "parameters": num_params,
+    "train_time_seconds": train_seconds,
+    "steps_per_second_this_run": trained_steps / train_seconds if train_seconds else 0.0,
+    "decode": "greedy" if config.eval.beam_size == 1 else f"beam{config.eval.beam_size}",
   }
   reporting.write_results(workdir, results)
   reporting.plot_loss_curve(workdir)

@@ -24,16 +24,17 @@ class TrainState:
   rng: jax.Array
 
 
-def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
-                       seed: int) -> tuple[nnx.GraphDef, TrainState]:
+def create_train_state(
+  model: nnx.Module, optimizer: optax.GradientTransformation, seed: int
+) -> tuple[nnx.GraphDef, TrainState]:
   """Splits `model` into its static graph definition and a fresh TrainState."""
   graphdef, params = nnx.split(model, nnx.Param)
   state = TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=optimizer.init(params),
-      # A raw uint32 key rather than a typed key array: it checkpoints as plain data.
-      rng=jax.random.PRNGKey(seed),
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    # A raw uint32 key rather than a typed key array: it checkpoints as plain data.
+    rng=jax.random.PRNGKey(seed),
   )
   return graphdef, state
 
