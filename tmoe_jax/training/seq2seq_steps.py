@@ -74,7 +74,7 @@ def train_step(
   rng, dropout_key = jax.random.split(state.rng)
 
   def loss_fn(params):
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params, state.model_state)
     logits, auxes = model(
       batch["source"], batch["decoder_input"], deterministic=False, rngs=nnx.Rngs(dropout=dropout_key)
     )
@@ -90,20 +90,25 @@ def train_step(
       "num_tokens": num_tokens,
       **routing_metrics(auxes),
     }
-    return task_loss + aux_loss, metrics
+    # Non-parameter variables the forward pass updated (outside the gradient).
+    return task_loss + aux_loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["learning_rate"] = schedule(state.step)
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+  new_state = TrainState(
+    step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state, rng=rng
+  )
   return new_state, metrics
 
 
-def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef):
+def eval_step(
+  params: nnx.State, model_state: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
+):
   """Teacher-forced sums over the batch: loss, correct tokens, token count (to be pooled)."""
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params, model_state)
   logits, _ = model(batch["source"], batch["decoder_input"], deterministic=True)
   loss_sum, num_tokens = token_cross_entropy(logits, batch["target"])
   valid = batch["target"] != PAD_ID
@@ -117,6 +122,7 @@ def decode_step_fn(model) -> Callable:
 
 def decode_batch(
   params: nnx.State,
+  model_state: nnx.State,
   source_BxS: jax.Array,
   *,
   graphdef: nnx.GraphDef,
@@ -127,7 +133,7 @@ def decode_batch(
   length_penalty: float = 0.6,
 ) -> jax.Array:
   """Decodes [B, S] sources to int32 [B, max_length] tokens: greedy if beam_size == 1, else the best beam."""
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params, model_state)
   encoded_BxSxD, _ = model.encode(source_BxS)
   cache = model.init_decode_cache(encoded_BxSxD, source_BxS, max_length)
   batch_size = source_BxS.shape[0]

@@ -27,7 +27,7 @@ from tmoe_jax.training import checkpointing, reporting
 from tmoe_jax.training import seq2seq_steps as steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.preemption import PreemptionGuard
-from tmoe_jax.training.state import count_params, create_train_state
+from tmoe_jax.training.state import TrainState, count_params, create_train_state
 from tmoe_jax.transformer import Transformer
 
 CONFIG_FILE = "config.json"
@@ -71,15 +71,14 @@ def build_model(config, vocab_size: int, seed: int) -> Transformer:
 
 
 def evaluate(
-  params,
-  graphdef,
+  state: TrainState,
   split: Seq2SeqSplit,
   vocabulary: CharVocabulary,
   eval_config,
   *,
   num_examples: int | None = None,
-  eval_fn=None,
-  decode_fn=None,
+  eval_fn,
+  decode_fn,
 ) -> dict[str, float]:
   """Teacher-forced loss and token accuracy, and exact match / token accuracy of decoded outputs."""
   num_examples = len(split) if num_examples is None else min(num_examples, len(split))
@@ -89,11 +88,11 @@ def evaluate(
     batch = make_batch(split, indices, vocabulary.BOS_ID)
     # Padding rows repeat example 0: zero their targets so they add nothing to the sums.
     batch["target"][num_valid:] = 0
-    sums = jax.device_get(eval_fn(params, batch))
+    sums = jax.device_get(eval_fn(state.params, state.model_state, batch))
     loss_sum += float(sums["loss_sum"])
     correct_forced += float(sums["correct_tokens"])
     forced_tokens += float(sums["num_tokens"])
-    decoded = np.asarray(decode_fn(params, batch["source"]))[:num_valid]
+    decoded = np.asarray(decode_fn(state.params, state.model_state, batch["source"]))[:num_valid]
     targets = batch["target"][:num_valid]
     valid = targets != 0
     exact += int(np.sum(np.all((decoded == targets) | ~valid, axis=1)))
@@ -224,8 +223,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
       progress.update(1)
       if train_config.eval_every and done % train_config.eval_every == 0 and done < train_config.num_steps:
         result = evaluate(
-          state.params,
-          graphdef,
+          state,
           test_split,
           data.vocabulary,
           config.eval,
@@ -256,9 +254,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     )
     return {"stopped_at_step": int(state.step)}
 
-  test = evaluate(
-    state.params, graphdef, test_split, data.vocabulary, config.eval, eval_fn=eval_fn, decode_fn=decode_fn
-  )
+  test = evaluate(state, test_split, data.vocabulary, config.eval, eval_fn=eval_fn, decode_fn=decode_fn)
   writer.write({"step": int(state.step), "split": "test", **test})
   rows = reporting.read_metrics(workdir)
   train_rows = [r for r in rows if r.get("split") == "train"]

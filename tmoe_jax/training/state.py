@@ -14,12 +14,15 @@ class TrainState:
 
   step: int32 scalar, the number of updates applied so far.
   params: the model's nnx.Param state (the graph definition stays outside, static).
+  model_state: every other model variable (e.g. fixed sMoE masks, routing biases
+    updated outside the gradient); often empty.
   opt_state: the Optax optimizer state.
   rng: uint32 [2] PRNG key, split once per step for dropout.
   """
 
   step: jax.Array
   params: nnx.State
+  model_state: nnx.State
   opt_state: optax.OptState
   rng: jax.Array
 
@@ -28,10 +31,11 @@ def create_train_state(
   model: nnx.Module, optimizer: optax.GradientTransformation, seed: int
 ) -> tuple[nnx.GraphDef, TrainState]:
   """Splits `model` into its static graph definition and a fresh TrainState."""
-  graphdef, params = nnx.split(model, nnx.Param)
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   state = TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
+    model_state=model_state,
     opt_state=optimizer.init(params),
     # A raw uint32 key rather than a typed key array: it checkpoints as plain data.
     rng=jax.random.PRNGKey(seed),
