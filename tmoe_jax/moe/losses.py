@@ -69,3 +69,9 @@ def router_entropy(router_probs_TxE: jax.Array, token_mask_T: jax.Array | None =
   entropy_T = -jnp.sum(router_probs_TxE * jnp.log(jnp.maximum(router_probs_TxE, 1e-9)), axis=-1)
   weights_T = _token_weights(router_probs_TxE.shape[0], token_mask_T)
   return jnp.sum(weights_T * entropy_T) / jnp.maximum(jnp.sum(weights_T), 1.0)
+
+
+def masked_mean(values_T: jax.Array, token_mask_T: jax.Array | None = None) -> jax.Array:
+  """Mean of `values_T` over the tokens where `token_mask_T` is True (all if None)."""
+  weights_T = _token_weights(values_T.shape[0], token_mask_T)
+  return jnp.sum(weights_T * values_T.astype(jnp.float32)) / jnp.maximum(jnp.sum(weights_T), 1.0)
