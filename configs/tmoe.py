@@ -36,6 +36,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.capacity_factor = 1.25
   config.model.eval_capacity_factor = 2.0
   config.model.normalize_gates = True
+  config.model.router = "top_k"  # or "expert_choice" (encoder-only MoE: not causal)
+  config.model.softmax_order = "before"  # softmax then top-k (Switch/GShard); "after": Mixtral
+  config.model.router_jitter = 0.0  # multiplicative noise on router logits in training
+  config.model.batch_prioritized = False  # capacity goes to the most confident tokens first
+  config.model.expert_bias_rate = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias
+  config.model.num_shared_experts = 0  # DeepSeekMoE always-on experts beside the routed ones
+  config.model.moe_layer = (
+    "sparse"  # or "smoe": one shared FFN, router picks one of num_experts dropout masks
+  )
+  config.model.smoe_keep_rate = 0.5  # sMoE: share of hidden units each mask keeps
   config.model.load_balancing_weight = 1e-2
   config.model.router_z_weight = 1e-3
 

@@ -211,3 +211,18 @@ def test_token_cross_entropy_ignores_padding():
   expected = -(log_probs[0, 0, 1] + log_probs[0, 1, 2] + log_probs[1, 0, 3])
   np.testing.assert_allclose(loss_sum, expected, rtol=1e-6)
   assert float(count) == 3
+
+
+def test_train_step_carries_the_expert_bias_state_and_checkpoints_it(tmp_path):
+  """Non-parameter state updated in the forward pass comes back from the step and round-trips."""
+  config = tiny_config()
+  config.model.expert_bias_rate = 0.01
+  data, _, state, train_step = _setup(config)
+  before = jax.tree.leaves(state.model_state)
+  assert before and all(np.all(np.asarray(b) == 0) for b in before)
+  state, _ = train_step(state, make_batch(data.splits["train"], np.arange(8), data.vocabulary.BOS_ID))
+  after = jax.tree.leaves(state.model_state)
+  assert any(np.any(np.asarray(a) != 0) for a in after)
+  manager = checkpointing.make_manager(tmp_path / "ckpt", max_to_keep=1)
+  checkpointing.save(manager, state, wait=True)
+  chex.assert_trees_all_equal(checkpointing.restore(manager, checkpointing.abstract_like(state)), state)

@@ -19,6 +19,9 @@ from tmoe_jax.errors import ConfigError
 
 POSITION_EMBEDDINGS = ("sinusoidal", "learned")
 ACTIVATIONS = ("relu", "gelu", "silu")
+ROUTERS = ("top_k", "expert_choice")
+MOE_LAYERS = ("sparse", "smoe")
+SOFTMAX_ORDERS = ("before", "after")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -57,9 +60,32 @@ class MoEConfig:
   eval_capacity_factor: float = 2.0
   normalize_gates: bool = True
   activation: str = "relu"
+  router: str = "top_k"
+  softmax_order: str = "before"
+  router_jitter: float = 0.0
+  batch_prioritized: bool = False
+  expert_bias_rate: float = 0.0
+  num_shared_experts: int = 0
   dtype: Any = jnp.float32
 
   def __post_init__(self):
+    require(self.router in ROUTERS, "model.router", f"must be one of {ROUTERS}, got {self.router!r}")
+    require(
+      self.softmax_order in SOFTMAX_ORDERS,
+      "model.softmax_order",
+      f"must be one of {SOFTMAX_ORDERS}, got {self.softmax_order!r}",
+    )
+    require(
+      0.0 <= self.router_jitter < 1.0, "model.router_jitter", f"must be in [0, 1), got {self.router_jitter}"
+    )
+    require(
+      self.expert_bias_rate >= 0.0, "model.expert_bias_rate", f"must be >= 0, got {self.expert_bias_rate}"
+    )
+    require(
+      self.num_shared_experts >= 0,
+      "model.num_shared_experts",
+      f"must be >= 0, got {self.num_shared_experts}",
+    )
     require(self.num_experts >= 1, "model.num_experts", f"must be >= 1, got {self.num_experts}")
     require(
       1 <= self.top_k <= self.num_experts,
@@ -103,9 +129,25 @@ class TransformerConfig:
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   normalize_gates: bool = True
+  router: str = "top_k"
+  softmax_order: str = "before"
+  router_jitter: float = 0.0
+  batch_prioritized: bool = False
+  expert_bias_rate: float = 0.0
+  num_shared_experts: int = 0
+  moe_layer: str = "sparse"
+  smoe_keep_rate: float = 0.5
   dtype: Any = jnp.float32
 
   def __post_init__(self):
+    require(
+      self.moe_layer in MOE_LAYERS, "model.moe_layer", f"must be one of {MOE_LAYERS}, got {self.moe_layer!r}"
+    )
+    require(
+      0.0 < self.smoe_keep_rate <= 1.0,
+      "model.smoe_keep_rate",
+      f"must be in (0, 1], got {self.smoe_keep_rate}",
+    )
     for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_length"):
       require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
     for name in ("num_layers", "num_decoder_layers", "moe_every"):
@@ -126,6 +168,13 @@ class TransformerConfig:
     require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
     if self.moe_every:
       self.moe  # validates the MoE fields now rather than at first use
+      decoder_has_moe = any(self.is_moe_layer(i) for i in range(self.num_decoder_layers))
+      require(
+        not (self.router == "expert_choice" and decoder_has_moe),
+        "model.router",
+        "expert_choice is not causal (a token's experts depend on later tokens), so it cannot be used "
+        "in decoder layers; use top_k, or moe_every larger than num_decoder_layers",
+      )
 
   @property
   def moe(self) -> MoEConfig:
@@ -138,6 +187,12 @@ class TransformerConfig:
       eval_capacity_factor=self.eval_capacity_factor,
       normalize_gates=self.normalize_gates,
       activation=self.activation,
+      router=self.router,
+      softmax_order=self.softmax_order,
+      router_jitter=self.router_jitter,
+      batch_prioritized=self.batch_prioritized,
+      expert_bias_rate=self.expert_bias_rate,
+      num_shared_experts=self.num_shared_experts,
       dtype=self.dtype,
     )
 

@@ -20,18 +20,39 @@ from tmoe_jax.config import TransformerConfig
 from tmoe_jax.embeddings import PositionEmbedding
 from tmoe_jax.feedforward import FeedForward
 from tmoe_jax.moe.layer import MoEAux, MoEFeedForward
+from tmoe_jax.moe.smoe import SingleMixtureOfExperts
+
+# FeedForwardBlock ids: encoder layer i is i, decoder layer i is DECODER_LAYER_ID_OFFSET + i.
+DECODER_LAYER_ID_OFFSET = 1000
 
 PAD_ID = 0
+
+
+def build_moe_layer(config: TransformerConfig, layer_id: int, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The MoE feed-forward layer named by `config.moe_layer` (both return (y, MoEAux))."""
+  if config.moe_layer == "smoe":
+    # One mask set per layer, fixed by the layer's position: masks are data, not parameters.
+    return SingleMixtureOfExperts(
+      config.d_model,
+      config.d_ff,
+      num_masks=config.num_experts,
+      keep_rate=config.smoe_keep_rate,
+      activation=config.activation,
+      mask_seed=layer_id,
+      dtype=config.dtype,
+      rngs=rngs,
+    )
+  return MoEFeedForward(config.moe, rngs=rngs)
 
 
 class FeedForwardBlock(nnx.Module):
   """Pre-LN residual feed-forward block, dense or MoE by `use_moe`."""
 
-  def __init__(self, config: TransformerConfig, use_moe: bool, *, rngs: nnx.Rngs):
+  def __init__(self, config: TransformerConfig, use_moe: bool, layer_id: int, *, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     self.use_moe = use_moe
     if use_moe:
-      self.ffn = MoEFeedForward(config.moe, rngs=rngs)
+      self.ffn = build_moe_layer(config, layer_id, rngs=rngs)
     else:
       self.ffn = FeedForward(
         config.d_model,
@@ -49,14 +70,16 @@ class FeedForwardBlock(nnx.Module):
     normed = self.norm(x_BxLxD)
     aux = None
     if self.use_moe:
-      y, aux = self.ffn(normed, token_mask_BxL, deterministic=deterministic, drop_tokens=drop_tokens)
+      y, aux = self.ffn(
+        normed, token_mask_BxL, deterministic=deterministic, drop_tokens=drop_tokens, rngs=rngs
+      )
     else:
       y = self.ffn(normed, deterministic=deterministic, rngs=rngs)
     return x_BxLxD + self.dropout(y, deterministic=deterministic, rngs=rngs), aux
 
 
 class EncoderLayer(nnx.Module):
-  def __init__(self, config: TransformerConfig, use_moe: bool, *, rngs: nnx.Rngs):
+  def __init__(self, config: TransformerConfig, layer_index: int, *, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     self.attention = MultiHeadAttention(
       config.d_model,
@@ -66,7 +89,7 @@ class EncoderLayer(nnx.Module):
       rngs=rngs,
     )
     self.dropout = nnx.Dropout(config.dropout_rate)
-    self.feed_forward = FeedForwardBlock(config, use_moe, rngs=rngs)
+    self.feed_forward = FeedForwardBlock(config, config.is_moe_layer(layer_index), layer_index, rngs=rngs)
 
   def __call__(self, x_BxSxD, mask_Bx1xSxS, token_mask_BxS, *, deterministic, rngs):
     normed = self.norm(x_BxSxD)
@@ -82,7 +105,7 @@ class DecoderLayerCache:
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, config: TransformerConfig, use_moe: bool, *, rngs: nnx.Rngs):
+  def __init__(self, config: TransformerConfig, layer_index: int, *, rngs: nnx.Rngs):
     def attention():
       return MultiHeadAttention(
         config.d_model,
@@ -97,7 +120,9 @@ class DecoderLayer(nnx.Module):
     self.cross_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     self.cross_attention = attention()
     self.dropout = nnx.Dropout(config.dropout_rate)
-    self.feed_forward = FeedForwardBlock(config, use_moe, rngs=rngs)
+    self.feed_forward = FeedForwardBlock(
+      config, config.is_moe_layer(layer_index), DECODER_LAYER_ID_OFFSET + layer_index, rngs=rngs
+    )
 
   def __call__(
     self,
@@ -168,12 +193,10 @@ class Transformer(nnx.Module):
       config.position_embedding, config.max_length, config.d_model, rngs=rngs
     )
     self.embedding_dropout = nnx.Dropout(config.dropout_rate)
-    self.encoder_layers = nnx.List(
-      [EncoderLayer(config, config.is_moe_layer(i), rngs=rngs) for i in range(config.num_layers)]
-    )
+    self.encoder_layers = nnx.List([EncoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
     self.encoder_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     self.decoder_layers = nnx.List(
-      [DecoderLayer(config, config.is_moe_layer(i), rngs=rngs) for i in range(config.num_decoder_layers)]
+      [DecoderLayer(config, i, rngs=rngs) for i in range(config.num_decoder_layers)]
     )
     self.decoder_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     if not config.share_embeddings:

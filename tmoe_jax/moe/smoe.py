@@ -18,7 +18,7 @@ dispatch and no capacity, so no token is ever dropped.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -168,10 +168,11 @@ class SingleMixtureOfExperts(nnx.Module):
     *,
     deterministic: bool = True,
     drop_tokens: bool = True,
+    rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, MoEAux]:
     """Returns the layer output [B, L, D] and its routing statistics over the M masks.
 
-    `deterministic` and `drop_tokens` are accepted for `MoEFeedForward`
+    `deterministic`, `drop_tokens` and `rngs` are accepted for `MoEFeedForward`
     compatibility and change nothing: there is no call-time randomness and no
     capacity (dropped_fraction is always 0).
     """

@@ -74,7 +74,9 @@ def train_step(
   rng, dropout_key = jax.random.split(state.rng)
 
   def loss_fn(params):
-    model = nnx.merge(graphdef, params, state.model_state)
+    # copy=True: fresh Variables at this trace level, so the forward pass may update
+    # non-parameter state (e.g. the expert bias) inside the differentiated function.
+    model = nnx.merge(graphdef, params, state.model_state, copy=True)
     logits, auxes = model(
       batch["source"], batch["decoder_input"], deterministic=False, rngs=nnx.Rngs(dropout=dropout_key)
     )
