@@ -42,9 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.batch_prioritized = False  # capacity goes to the most confident tokens first
   config.model.expert_bias_rate = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias
   config.model.num_shared_experts = 0  # DeepSeekMoE always-on experts beside the routed ones
-  config.model.moe_layer = (
-    "sparse"  # or "smoe": one shared FFN, router picks one of num_experts dropout masks
-  )
+  config.model.expert_type = "mlp"  # or "gated": SwiGLU with activation "silu", GeGLU with "gelu"
+  # "sparse", or "smoe": one shared FFN whose router picks one of num_experts dropout masks
+  config.model.moe_layer = "sparse"
   config.model.smoe_keep_rate = 0.5  # sMoE: share of hidden units each mask keeps
   config.model.load_balancing_weight = 1e-2
   config.model.router_z_weight = 1e-3

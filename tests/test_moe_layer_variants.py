@@ -158,3 +158,24 @@ def test_transformer_builds_each_moe_layer_kind_and_trains_one_step(moe_layer):
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0]
   chex.assert_shape(metrics["expert_fraction"], (2, 4))
+
+
+def test_gated_experts_compute_swiglu_per_expert():
+  from tmoe_jax.moe.experts import GatedMlpExperts
+
+  experts = GatedMlpExperts(3, 4, 6, activation="silu", rngs=nnx.Rngs(0))
+  x_ExCxD = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 4))
+  y = experts(x_ExCxD)
+  for e in range(3):
+    x = np.asarray(x_ExCxD[e], np.float64)
+    gate = x @ np.asarray(experts.w_gate_ExDxF[e], np.float64)
+    silu = gate / (1.0 + np.exp(-gate))
+    expected = (silu * (x @ np.asarray(experts.w_up_ExDxF[e], np.float64))) @ np.asarray(
+      experts.w_down_ExFxD[e], np.float64
+    )
+    np.testing.assert_allclose(np.asarray(y[e]), expected, rtol=1e-5, atol=1e-5)
+  layer = MoEFeedForward(dataclasses.replace(BASE, expert_type="gated", activation="silu"), rngs=nnx.Rngs(0))
+  assert isinstance(layer.experts, GatedMlpExperts)
+  chex.assert_shape(layer(inputs())[0], (2, 5, 8))
+  with pytest.raises(ConfigError, match="model.expert_type"):
+    dataclasses.replace(BASE, expert_type="lstm")

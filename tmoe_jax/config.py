@@ -21,6 +21,7 @@ POSITION_EMBEDDINGS = ("sinusoidal", "learned")
 ACTIVATIONS = ("relu", "gelu", "silu")
 ROUTERS = ("top_k", "expert_choice")
 MOE_LAYERS = ("sparse", "smoe")
+EXPERT_TYPES = ("mlp", "gated")  # gated: SwiGLU with activation "silu", GeGLU with "gelu"
 SOFTMAX_ORDERS = ("before", "after")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -66,9 +67,15 @@ class MoEConfig:
   batch_prioritized: bool = False
   expert_bias_rate: float = 0.0
   num_shared_experts: int = 0
+  expert_type: str = "mlp"
   dtype: Any = jnp.float32
 
   def __post_init__(self):
+    require(
+      self.expert_type in EXPERT_TYPES,
+      "model.expert_type",
+      f"must be one of {EXPERT_TYPES}, got {self.expert_type!r}",
+    )
     require(self.router in ROUTERS, "model.router", f"must be one of {ROUTERS}, got {self.router!r}")
     require(
       self.softmax_order in SOFTMAX_ORDERS,
@@ -135,6 +142,7 @@ class TransformerConfig:
   batch_prioritized: bool = False
   expert_bias_rate: float = 0.0
   num_shared_experts: int = 0
+  expert_type: str = "mlp"
   moe_layer: str = "sparse"
   smoe_keep_rate: float = 0.5
   dtype: Any = jnp.float32
@@ -193,6 +201,7 @@ class TransformerConfig:
       batch_prioritized=self.batch_prioritized,
       expert_bias_rate=self.expert_bias_rate,
       num_shared_experts=self.num_shared_experts,
+      expert_type=self.expert_type,
       dtype=self.dtype,
     )
 

@@ -16,7 +16,7 @@ from tmoe_jax.moe import dispatch as dispatch_lib
 from tmoe_jax.moe import losses
 from tmoe_jax.feedforward import FeedForward
 from tmoe_jax.moe.expert_choice import expert_choice_combine, expert_choice_dispatch, expert_choice_route
-from tmoe_jax.moe.experts import MlpExperts
+from tmoe_jax.moe.experts import EXPERT_TYPES
 from tmoe_jax.moe.routing import assign_slots_prioritized, top_k_route, update_expert_bias
 
 
@@ -65,7 +65,7 @@ class MoEFeedForward(nnx.Module):
       kernel_init=nnx.initializers.normal(0.02),
       rngs=rngs,
     )
-    self.experts = MlpExperts(
+    self.experts = EXPERT_TYPES[config.expert_type](
       config.num_experts,
       config.d_model,
       config.d_ff,
