@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import configs.tmoe
 from tmoe_jax.data import batching
@@ -226,3 +227,30 @@ def test_train_step_carries_the_expert_bias_state_and_checkpoints_it(tmp_path):
   manager = checkpointing.make_manager(tmp_path / "ckpt", max_to_keep=1)
   checkpointing.save(manager, state, wait=True)
   chex.assert_trees_all_equal(checkpointing.restore(manager, checkpointing.abstract_like(state)), state)
+
+
+def test_greedy_decoding_agrees_with_teacher_forcing_on_its_own_output_and_beam_runs():
+  """Feeding the greedy output back teacher-forced gives the same argmax at every position."""
+  config = tiny_config()
+  data, graphdef, state, _ = _setup(config)
+  vocabulary = data.vocabulary
+  source = data.splits["test"].source_ids_NxS[:4]
+  max_length = data.max_target_length
+
+  def decode(beam_size):
+    fn = steps.jit_decode(
+      graphdef, max_length=max_length, beam_size=beam_size, bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID
+    )
+    return np.asarray(fn(state.params, state.model_state, source))
+
+  greedy = decode(1)
+  model = nnx.merge(graphdef, state.params, state.model_state)
+  logits, _ = model(jnp.asarray(source), jnp.asarray(decoder_inputs(greedy, vocabulary.BOS_ID)))
+  forced = np.asarray(jnp.argmax(logits, -1))
+  valid = (
+    np.cumsum(greedy == vocabulary.EOS_ID, axis=1) - (greedy == vocabulary.EOS_ID) == 0
+  )  # up to first EOS
+  np.testing.assert_array_equal(forced[valid], greedy[valid])
+  beam = decode(3)
+  chex.assert_shape(beam, greedy.shape)
+  assert beam.dtype == np.int32
