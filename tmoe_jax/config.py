@@ -186,24 +186,9 @@ class TransformerConfig:
 
   @property
   def moe(self) -> MoEConfig:
-    return MoEConfig(
-      num_experts=self.num_experts,
-      top_k=self.top_k,
-      d_model=self.d_model,
-      d_ff=self.d_ff,
-      capacity_factor=self.capacity_factor,
-      eval_capacity_factor=self.eval_capacity_factor,
-      normalize_gates=self.normalize_gates,
-      activation=self.activation,
-      router=self.router,
-      softmax_order=self.softmax_order,
-      router_jitter=self.router_jitter,
-      batch_prioritized=self.batch_prioritized,
-      expert_bias_rate=self.expert_bias_rate,
-      num_shared_experts=self.num_shared_experts,
-      expert_type=self.expert_type,
-      dtype=self.dtype,
-    )
+    # The model section is flat (model.num_experts, ...): every MoEConfig field is
+    # also a TransformerConfig field of the same name.
+    return MoEConfig(**{field.name: getattr(self, field.name) for field in dataclasses.fields(MoEConfig)})
 
   def is_moe_layer(self, layer_index: int) -> bool:
     """Every `moe_every`-th feed-forward block is MoE (Switch/GShard); 0 = none."""
