@@ -1,0 +1,398 @@
+"""Expert parallelism on 8 virtual CPU devices against the single-device MoE layer.
+
+The reference is the library's own single-device layer, `MoEFeedForward` (route,
+assign_slots, dispatch, MlpExperts, combine, losses), run on the whole batch
+with capacity ample enough that nothing drops on either side (the single-device
+capacity counts global tokens, the sharded one local tokens). Where capacity
+*does* bind, the reference is that layer run shard by shard in a Python loop,
+which is what per-device capacity means. Gradients are compared through
+`jax.grad` of one scalar that mixes the output and every auxiliary loss.
+
+Shapes: T tokens, D model width, F hidden width, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from tmoe_jax.config import MoEConfig
+from tmoe_jax.errors import ConfigError
+from tmoe_jax.moe import load_balancing_loss, top_k_route
+from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.parallel.expert_parallel import bytes_moved_per_layer, expert_parallel_moe, expert_weights_of
+from tmoe_jax.parallel.mesh import make_mesh
+from tmoe_jax.parallel.sharding import (
+  EXPERT_PARAMS_BY_TYPE,
+  batch_shardings,
+  train_state_shardings,
+  tree_shardings,
+)
+from tmoe_jax.training.state import TrainState
+
+T, D, F, E, K = 64, 8, 16, 8, 2
+AMPLE = E / K  # capacity = T tokens globally, T_local per device: nothing drops
+MESHES = [(1, 8), (2, 4), (8, 1)]
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+
+def _layer(expert_type="mlp", activation="relu", capacity_factor=AMPLE, seed=0):
+  config = MoEConfig(
+    num_experts=E,
+    top_k=K,
+    d_model=D,
+    d_ff=F,
+    capacity_factor=capacity_factor,
+    eval_capacity_factor=capacity_factor,
+    activation=activation,
+    expert_type=expert_type,
+  )
+  layer = MoEFeedForward(config, rngs=nnx.Rngs(seed))
+  # Non-zero biases, so a bias mixed up between experts would show.
+  for i, name in enumerate(("b_in_ExF", "b_out_ExD")):
+    if hasattr(layer.experts, name):
+      param = getattr(layer.experts, name)
+      param[...] = 0.1 * jax.random.normal(jax.random.PRNGKey(100 + i), param[...].shape)
+  # A router scale that spreads tokens over every expert without near-ties.
+  layer.router.kernel[...] = layer.router.kernel[...] * 50.0
+  return layer
+
+
+def _inputs(seed=1):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 2)
+  x_TxD = jax.random.normal(keys[0], (T, D))
+  # Padding scattered over several shards.
+  mask_T = jnp.ones((T,), bool).at[jnp.array([3, 17, 18, 40, 63])].set(False)
+  cotangent_TxD = jax.random.normal(keys[1], (T, D))
+  return x_TxD, mask_T, cotangent_TxD
+
+
+def _scalar(y_TxD, aux, cotangent_TxD):
+  """One scalar that depends on the output and on every differentiable statistic."""
+  return (
+    jnp.sum(y_TxD * cotangent_TxD)
+    + 3.0 * aux.load_balancing_loss
+    + 0.5 * aux.router_z_loss
+    + aux.router_entropy
+  )
+
+
+def _reference_loss(params, x_TxD, mask_T, cotangent_TxD, graphdef, rest):
+  layer = nnx.merge(graphdef, params, rest)
+  y, aux = layer(x_TxD[None], mask_T[None], deterministic=False)
+  return _scalar(y[0], aux, cotangent_TxD), (y[0], aux)
+
+
+def _sharded_loss(params, x_TxD, mask_T, cotangent_TxD, *, mesh, capacity_factor, expert_type="mlp"):
+  layer_params = nnx.to_pure_dict(params)
+  weights = tuple(layer_params["experts"][name] for name in EXPERT_PARAMS_BY_TYPE[expert_type])
+  y, stats = expert_parallel_moe(
+    x_TxD,
+    layer_params["router"]["kernel"],
+    weights,
+    mesh=mesh,
+    top_k=K,
+    capacity_factor=capacity_factor,
+    token_mask_T=mask_T,
+    expert_type=expert_type,
+  )
+  return _scalar(y, stats, cotangent_TxD), (y, stats)
+
+
+@pytest.fixture(scope="module")
+def reference():
+  """(params, value, (y, aux), grads) of the single-device layer with ample capacity."""
+  layer = _layer()
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  x_TxD, mask_T, cotangent_TxD = _inputs()
+  fn = jax.jit(
+    jax.value_and_grad(
+      lambda p, x: _reference_loss(p, x, mask_T, cotangent_TxD, graphdef, rest), argnums=(0, 1), has_aux=True
+    )
+  )
+  (value, outputs), grads = fn(params, x_TxD)
+  # The comparison is meaningful only if nothing dropped and routing used every expert.
+  assert float(outputs[1].dropped_fraction) == 0.0
+  assert float(jnp.min(outputs[1].expert_fraction_E)) > 0.0
+  return params, value, outputs, grads
+
+
+@pytest.mark.parametrize("capacity_factor", [AMPLE, None], ids=["ample", "dropless"])
+@pytest.mark.parametrize("data, expert", MESHES)
+def test_outputs_losses_and_gradients_equal_the_single_device_layer(reference, data, expert, capacity_factor):
+  params, ref_value, (ref_y, ref_aux), (ref_grad_params, ref_grad_x) = reference
+  x_TxD, mask_T, cotangent_TxD = _inputs()
+  mesh = make_mesh(data, expert)
+  fn = jax.jit(
+    jax.value_and_grad(
+      lambda p, x: _sharded_loss(p, x, mask_T, cotangent_TxD, mesh=mesh, capacity_factor=capacity_factor),
+      argnums=(0, 1),
+      has_aux=True,
+    )
+  )
+  (value, (y, stats)), (grad_params, grad_x) = fn(params, x_TxD)
+
+  chex.assert_trees_all_close(y, ref_y, **TOL)
+  chex.assert_trees_all_equal(y[~mask_T], jnp.zeros((int(jnp.sum(~mask_T)), D)))
+  chex.assert_trees_all_close(stats.to_dict(), {k: getattr(ref_aux, k) for k in stats.to_dict()}, **TOL)
+  chex.assert_trees_all_close(value, ref_value, **TOL)
+  chex.assert_trees_all_close(grad_x, ref_grad_x, **TOL)
+  chex.assert_trees_all_close(nnx.to_pure_dict(grad_params), nnx.to_pure_dict(ref_grad_params), **TOL)
+  # Every expert weight really received gradient (none was silently left out).
+  for name, grad in nnx.to_pure_dict(grad_params)["experts"].items():
+    assert float(jnp.min(jnp.sum(jnp.abs(grad.reshape(E, -1)), axis=-1))) > 0.0, name
+
+
+def test_gated_experts_equal_the_single_device_layer():
+  layer = _layer(expert_type="gated", activation="silu")
+  x_TxD, mask_T, _ = _inputs()
+  ref_y, ref_aux = layer(x_TxD[None], mask_T[None], deterministic=False)
+  y, stats = jax.jit(
+    lambda x: expert_parallel_moe(
+      x,
+      layer.router.kernel[...],
+      expert_weights_of(layer.experts, "gated"),
+      mesh=make_mesh(2, 4),
+      top_k=K,
+      capacity_factor=AMPLE,
+      activation="silu",
+      token_mask_T=mask_T,
+      expert_type="gated",
+    )
+  )(x_TxD)
+  chex.assert_trees_all_close(y, ref_y[0], **TOL)
+  chex.assert_trees_all_close(stats.load_balancing_loss, ref_aux.load_balancing_loss, **TOL)
+
+
+def test_capacity_is_per_device_and_drops_match_the_layer_run_shard_by_shard():
+  """With binding capacity each device drops by its own C = ceil(cf * T_local * K / E)."""
+  data, expert, factor = 2, 4, 1.0
+  shards = data * expert
+  tokens_per_shard = T // shards
+  layer = _layer(capacity_factor=factor)
+  # A skewed router so that several experts overflow on most shards.
+  layer.router.kernel[...] = layer.router.kernel[...].at[:, 0].add(1.0)
+  x_TxD, mask_T, _ = _inputs()
+  y, stats = jax.jit(
+    lambda x: expert_parallel_moe(
+      x,
+      layer.router.kernel[...],
+      expert_weights_of(layer.experts),
+      mesh=make_mesh(data, expert),
+      top_k=K,
+      capacity_factor=factor,
+      token_mask_T=mask_T,
+    )
+  )(x_TxD)
+
+  shard_layer = jax.jit(lambda x, m: layer(x[None], m[None], deterministic=False))
+  ys, dropped, routed = [], 0.0, 0.0
+  for s in range(shards):
+    rows = slice(s * tokens_per_shard, (s + 1) * tokens_per_shard)
+    y_s, aux_s = shard_layer(x_TxD[rows], mask_T[rows])
+    ys.append(y_s[0])
+    assignments = float(jnp.sum(mask_T[rows])) * K
+    dropped += float(aux_s.dropped_fraction) * assignments
+    routed += assignments
+  assert dropped > 0.0, "the test needs capacity to bind"
+  chex.assert_trees_all_close(y, jnp.concatenate(ys), **TOL)
+  np.testing.assert_allclose(float(stats.dropped_fraction), dropped / routed, rtol=1e-5)
+
+
+def test_dropless_never_drops_where_capacity_would():
+  """All tokens to one expert: capacity 1.0 drops most, dropless keeps all, equal to the ample layer."""
+  layer = _layer()
+  layer.router.kernel[...] = layer.router.kernel[...].at[:, 3].add(100.0)
+  x_TxD = jnp.abs(_inputs()[0])  # x >= 0 with a large router column: expert 3 is everyone's first choice
+  mesh = make_mesh(2, 4)
+  run = lambda cf: jax.jit(
+    lambda x: expert_parallel_moe(
+      x, layer.router.kernel[...], expert_weights_of(layer.experts), mesh=mesh, top_k=K, capacity_factor=cf
+    )
+  )(x_TxD)
+  _, tight = run(1.0)
+  y, dropless = run(None)
+  ref_y, ref_aux = layer(x_TxD[None], deterministic=False)  # capacity E/K: T slots per expert
+  assert float(tight.dropped_fraction) > 0.3
+  assert float(dropless.dropped_fraction) == 0.0
+  assert float(ref_aux.dropped_fraction) == 0.0
+  np.testing.assert_allclose(float(dropless.expert_fraction_E[3]), 0.5, rtol=1e-6)
+  chex.assert_trees_all_close(y, ref_y[0], **TOL)
+
+
+def test_balancing_loss_is_global_not_a_mean_of_per_shard_losses():
+  """Each shard prefers a different expert: every shard is skewed, the batch is balanced.
+
+  The mean of per-shard Switch losses is then large while the global loss is
+  near 1; the sharded layer must give the global value.
+  """
+  mesh = make_mesh(2, 4)
+  shards = 8
+  tokens_per_shard = T // shards
+  # D = E = 8 and an identity router: a token near one-hot e_s prefers expert s.
+  router_DxE = 4.0 * jnp.eye(E)
+  shard_T = jnp.repeat(jnp.arange(shards), tokens_per_shard)
+  x_TxD = jax.nn.one_hot(shard_T, E) + 0.3 * jax.random.normal(jax.random.PRNGKey(0), (T, E))
+  weights = expert_weights_of(_layer().experts)
+  _, stats = jax.jit(
+    lambda x: expert_parallel_moe(x, router_DxE, weights, mesh=mesh, top_k=K, capacity_factor=AMPLE)
+  )(x_TxD)
+
+  route = top_k_route(x_TxD @ router_DxE, K)
+  global_loss = load_balancing_loss(route.router_probs_TxE, route.expert_indices_TxK)
+  per_shard = [
+    load_balancing_loss(
+      route.router_probs_TxE[s * tokens_per_shard : (s + 1) * tokens_per_shard],
+      route.expert_indices_TxK[s * tokens_per_shard : (s + 1) * tokens_per_shard],
+    )
+    for s in range(shards)
+  ]
+  mean_of_products = float(jnp.mean(jnp.stack(per_shard)))
+  assert mean_of_products > float(global_loss) + 1.0, (mean_of_products, float(global_loss))
+  np.testing.assert_allclose(float(stats.load_balancing_loss), float(global_loss), rtol=1e-5)
+
+
+def test_jitter_and_expert_bias_match_single_device_routing():
+  """The jitter noise is the draw the single-device router makes with the same key."""
+  layer = _layer()
+  x_TxD, _, _ = _inputs()
+  key = jax.random.PRNGKey(7)
+  bias_E = 0.05 * jnp.arange(E, dtype=jnp.float32)
+  y, stats = jax.jit(
+    lambda x: expert_parallel_moe(
+      x,
+      layer.router.kernel[...],
+      expert_weights_of(layer.experts),
+      mesh=make_mesh(1, 8),
+      top_k=K,
+      capacity_factor=None,
+      jitter_key=key,
+      jitter_eps=0.3,
+      expert_bias_E=bias_E,
+    )
+  )(x_TxD)
+  route = top_k_route(layer.router(x_TxD), K, jitter_key=key, jitter_eps=0.3, expert_bias_E=bias_E)
+  # Per-token reference: each token through its K chosen experts, gate-weighted.
+  outputs = layer.experts(jnp.broadcast_to(x_TxD[None], (E, T, D)))  # every expert on every token
+  expected = jnp.einsum(
+    "tkd,tk->td",
+    jnp.take_along_axis(outputs.transpose(1, 0, 2), route.expert_indices_TxK[:, :, None], axis=1),
+    route.gates_TxK,
+  )
+  chex.assert_trees_all_close(y, expected, **TOL)
+  np.testing.assert_allclose(
+    float(stats.load_balancing_loss),
+    float(load_balancing_loss(route.router_probs_TxE, route.expert_indices_TxK)),
+    rtol=1e-5,
+  )
+
+
+def test_token_count_and_expert_count_must_divide():
+  layer = _layer()
+  weights = expert_weights_of(layer.experts)
+  with pytest.raises(ValueError, match="token count"):
+    expert_parallel_moe(
+      jnp.zeros((60, D)),
+      layer.router.kernel[...],
+      weights,
+      mesh=make_mesh(2, 4),
+      top_k=K,
+      capacity_factor=1.0,
+    )
+  with pytest.raises(ConfigError, match=r"^model\.num_experts"):
+    expert_parallel_moe(
+      jnp.zeros((T, D)),
+      jnp.zeros((D, 6)),
+      tuple(w[:6] for w in weights),
+      mesh=make_mesh(2, 4),
+      top_k=K,
+      capacity_factor=1.0,
+    )
+
+
+def test_bytes_moved_per_layer_from_shapes():
+  # T_local = 256, C = ceil(1.25 * 256 * 2 / 8) = 80, buffer 8 * 80 * 128 * 4 bytes.
+  moved = bytes_moved_per_layer(2048, 128, 8, 2, 1.25, data=1, expert=8)
+  assert moved.capacity == 80
+  assert moved.buffer_bytes_per_device == 8 * 80 * 128 * 4
+  assert moved.sent_bytes_per_device == 2 * 8 * 80 * 128 * 4 * 7 // 8
+  assert moved.total_bytes == 8 * moved.sent_bytes_per_device
+  assert moved.payload_bytes == 2 * 2048 * 2 * 128 * 4 * 7 // 8
+  assert bytes_moved_per_layer(2048, 128, 8, 2, None, data=8, expert=1).total_bytes == 0
+  assert bytes_moved_per_layer(2048, 128, 8, 2, None, data=2, expert=4).capacity == 256
+  assert bytes_moved_per_layer(2048, 128, 8, 2, 1.0, data=1, expert=8, dtype=jnp.bfloat16).capacity == 64
+
+
+# ---------------------------------------------------------------------------
+# Shardings of a whole TrainState through a jitted step.
+
+
+def test_expert_weights_and_adam_moments_stay_sharded_through_a_jitted_step(reference):
+  data, expert = 2, 4
+  mesh = make_mesh(data, expert)
+  params = reference[0]
+  optimizer = optax.adam(1e-2)
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=nnx.State({}),
+    opt_state=optimizer.init(params),
+    rng=jax.random.PRNGKey(0),
+  )
+  state_shardings = train_state_shardings(state, mesh)
+  x_TxD, mask_T, cotangent_TxD = _inputs()
+  batch = {"x": x_TxD, "mask": mask_T, "cotangent": cotangent_TxD}
+
+  def step(state, batch):
+    loss_fn = lambda p: _sharded_loss(
+      p, batch["x"], batch["mask"], batch["cotangent"], mesh=mesh, capacity_factor=AMPLE
+    )[0]
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
+    return new_state, loss, grads
+
+  jitted = jax.jit(
+    step,
+    in_shardings=(state_shardings, batch_shardings(batch, mesh)),
+    out_shardings=(state_shardings, None, None),
+  )
+  new_state, _, grads = jitted(jax.device_put(state, state_shardings), batch)
+
+  adam = new_state.opt_state[0]
+  for tree in (new_state.params, adam.mu, adam.nu):
+    pure = nnx.to_pure_dict(tree)
+    for name in EXPERT_PARAMS_BY_TYPE["mlp"]:
+      leaf = pure["experts"][name]
+      assert leaf.sharding.spec == P("expert"), name
+      assert leaf.addressable_shards[0].data.shape[0] == E // expert, name
+      assert len({shard.index[0].start for shard in leaf.addressable_shards}) == expert, name
+    assert pure["router"]["kernel"].sharding.is_fully_replicated
+  assert new_state.step.sharding.is_fully_replicated
+  # The moments are the gradients of the single-device layer, and the update moved the weights.
+  ref_grads = nnx.to_pure_dict(reference[3][0])
+  chex.assert_trees_all_close(nnx.to_pure_dict(adam.mu), jax.tree.map(lambda g: 0.1 * g, ref_grads), **TOL)
+  chex.assert_trees_all_close(nnx.to_pure_dict(grads), ref_grads, **TOL)
+  moved = jax.tree.map(
+    lambda a, b: float(jnp.max(jnp.abs(a - b))), nnx.to_pure_dict(new_state.params), nnx.to_pure_dict(params)
+  )
+  assert min(jax.tree.leaves(moved)) > 0.0
+
+
+def test_tree_shardings_use_the_name_table_and_refuse_uneven_experts():
+  layer = _layer()
+  params = nnx.state(layer, nnx.Param)
+  shardings = nnx.to_pure_dict(tree_shardings(params, make_mesh(2, 4)))
+  for name in EXPERT_PARAMS_BY_TYPE["mlp"]:
+    assert shardings["experts"][name].spec == P("expert")
+  assert shardings["router"]["kernel"].spec == P()
+  with pytest.raises(ConfigError, match=r"^model\.num_experts: expert weight .*w_in_ExDxF"):
+    tree_shardings({"experts": {"w_in_ExDxF": jnp.zeros((6, D, F))}}, make_mesh(2, 4))
