@@ -74,6 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.length_penalty = 0.6
   config.eval.num_examples_during_training = 512  # decoded at each eval_every; the final eval uses all
 
+  # Device mesh: tokens split over data * expert devices, experts over `expert` (-1 = the rest).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.expert = 1
+
   config.data = ml_collections.ConfigDict()
   config.data.name = "dates"
   config.data.dir = ""  # local files; empty = the embedded (or TFDS) source

@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from tmoe_jax.errors import ConfigError
+from tmoe_jax.parallel.mesh import EXPERT_AXIS, check_experts_divisible
 
 POSITION_EMBEDDINGS = ("sinusoidal", "learned")
 ACTIVATIONS = ("relu", "gelu", "silu")
@@ -69,6 +70,9 @@ class MoEConfig:
   num_shared_experts: int = 0
   expert_type: str = "mlp"
   dtype: Any = jnp.float32
+  # A ('data', 'expert') jax.sharding.Mesh: top-k layers run expert-parallel on it
+  # (`parallel.expert_parallel`); None = the single-device layer.
+  mesh: Any = None
 
   def __post_init__(self):
     require(
@@ -106,6 +110,13 @@ class MoEConfig:
       f"must be > 0, got {self.eval_capacity_factor}",
     )
     require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
+    if self.mesh is not None:
+      check_experts_divisible(self.num_experts, self.mesh)
+      require(
+        self.router == "top_k" or self.mesh.shape[EXPERT_AXIS] == 1,
+        "model.router",
+        f"{self.router} has no expert-parallel path; use top_k, or mesh.expert=1",
+      )
 
   def capacity(self, num_tokens: int, *, training: bool) -> int:
     factor = self.capacity_factor if training else self.eval_capacity_factor
@@ -146,6 +157,7 @@ class TransformerConfig:
   moe_layer: str = "sparse"
   smoe_keep_rate: float = 0.5
   dtype: Any = jnp.float32
+  mesh: Any = None  # see MoEConfig.mesh; not a `model` config key (it comes from `mesh.data`/`mesh.expert`)
 
   def __post_init__(self):
     require(
@@ -195,11 +207,11 @@ class TransformerConfig:
     return self.moe_every > 0 and (layer_index + 1) % self.moe_every == 0
 
   @classmethod
-  def from_config(cls, model_config, *, vocab_size: int) -> "TransformerConfig":
+  def from_config(cls, model_config, *, vocab_size: int, mesh=None) -> TransformerConfig:
     """Builds from the `model` section of a ConfigDict, type-checking each field."""
     values = {}
     for field in dataclasses.fields(cls):
-      if field.name == "vocab_size":
+      if field.name in ("vocab_size", "mesh"):
         continue
       if field.name == "dtype":
         if "dtype" not in model_config:
@@ -218,7 +230,7 @@ class TransformerConfig:
       else:
         require_type(value, expected, f"model.{field.name}")
       values[field.name] = value
-    return cls(vocab_size=vocab_size, **values)
+    return cls(vocab_size=vocab_size, mesh=mesh, **values)
 
 
 # (field, type, condition on the value, what the condition says) for the run settings
@@ -247,6 +259,8 @@ _RUN_FIELDS = (
   ("data.seed", int, lambda v: v >= 0, ">= 0"),
   ("data.num_train", int, lambda v: v >= 1, ">= 1"),
   ("data.num_test", int, lambda v: v >= 1, ">= 1"),
+  ("mesh.data", int, lambda v: v == -1 or v >= 1, ">= 1, or -1 for the remaining devices"),
+  ("mesh.expert", int, lambda v: v == -1 or v >= 1, ">= 1, or -1 for the remaining devices"),
 )
 
 

@@ -18,6 +18,8 @@ from tmoe_jax.feedforward import FeedForward
 from tmoe_jax.moe.expert_choice import expert_choice_combine, expert_choice_dispatch, expert_choice_route
 from tmoe_jax.moe.experts import EXPERT_TYPES
 from tmoe_jax.moe.routing import assign_slots_prioritized, top_k_route, update_expert_bias
+from tmoe_jax.parallel import expert_parallel
+from tmoe_jax.parallel.mesh import num_token_shards
 
 
 @struct.dataclass
@@ -105,10 +107,10 @@ class MoEFeedForward(nnx.Module):
     num_tokens = batch * length
     x_TxD = x_BxLxD.reshape(num_tokens, d_model)
     token_mask_T = None if token_mask_BxL is None else token_mask_BxL.reshape(-1)
-    router_logits_TxE = self.router(x_TxD.astype(jnp.float32))
-    capacity = config.capacity(num_tokens, training=not deterministic) if drop_tokens else num_tokens
 
     if config.router == "expert_choice":
+      router_logits_TxE = self.router(x_TxD.astype(jnp.float32))
+      capacity = config.capacity(num_tokens, training=not deterministic) if drop_tokens else num_tokens
       y_TxD, aux = self._expert_choice(x_TxD, router_logits_TxE, capacity, token_mask_T)
     else:
       jitter_key = None
@@ -116,7 +118,14 @@ class MoEFeedForward(nnx.Module):
         if rngs is None:
           raise ValueError("router_jitter > 0 needs `rngs` in training")
         jitter_key = rngs.dropout()
-      y_TxD, aux = self._token_choice(x_TxD, router_logits_TxE, capacity, token_mask_T, jitter_key)
+      # A token count that does not split over the mesh (a small last batch) takes the
+      # single-device path, which jit still runs correctly on the sharded weights.
+      if config.mesh is not None and num_tokens % num_token_shards(config.mesh) == 0:
+        y_TxD, aux = self._expert_parallel(x_TxD, token_mask_T, jitter_key, deterministic, drop_tokens)
+      else:
+        router_logits_TxE = self.router(x_TxD.astype(jnp.float32))
+        capacity = config.capacity(num_tokens, training=not deterministic) if drop_tokens else num_tokens
+        y_TxD, aux = self._token_choice(x_TxD, router_logits_TxE, capacity, token_mask_T, jitter_key)
       if config.expert_bias_rate and not deterministic:
         self.expert_bias[...] = update_expert_bias(
           self.expert_bias[...], aux.expert_fraction_E, rate=config.expert_bias_rate
@@ -156,6 +165,33 @@ class MoEFeedForward(nnx.Module):
       router_entropy=losses.router_entropy(route.router_probs_TxE, token_mask_T),
     )
     return y_TxD, aux
+
+  def _expert_parallel(self, x_TxD, token_mask_T, jitter_key, deterministic, drop_tokens):
+    """Top-k routing on the config's mesh; capacity is per device (see `parallel.expert_parallel`)."""
+    config = self.config
+    if not drop_tokens:
+      capacity_factor = None  # dropless
+    else:
+      capacity_factor = config.eval_capacity_factor if deterministic else config.capacity_factor
+    y_TxD, stats = expert_parallel.expert_parallel_moe(
+      x_TxD,
+      self.router.kernel[...],
+      expert_parallel.expert_weights_of(self.experts, config.expert_type),
+      mesh=config.mesh,
+      top_k=config.top_k,
+      capacity_factor=capacity_factor,
+      normalize_gates=config.normalize_gates,
+      activation=config.activation,
+      token_mask_T=token_mask_T,
+      softmax_order=config.softmax_order,
+      expert_type=config.expert_type,
+      dtype=config.dtype,
+      jitter_key=jitter_key,
+      jitter_eps=config.router_jitter,
+      expert_bias_E=self.expert_bias[...] if config.expert_bias_rate else None,
+      batch_prioritized=config.batch_prioritized,
+    )
+    return y_TxD, MoEAux(**stats.to_dict())
 
   def _expert_choice(self, x_TxD, router_logits_TxE, capacity, token_mask_T):
     num_tokens = x_TxD.shape[0]

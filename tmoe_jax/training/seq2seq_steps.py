@@ -19,6 +19,7 @@ from flax import nnx
 
 from tmoe_jax import decoding
 from tmoe_jax.moe.layer import MoEAux
+from tmoe_jax.parallel import sharding
 from tmoe_jax.training.state import TrainState
 from tmoe_jax.transformer import PAD_ID
 
@@ -163,13 +164,20 @@ def decode_batch(
   return sequences[:, 0]
 
 
-def jit_train_step(graphdef, optimizer, schedule, loss_weights):
+def jit_train_step(graphdef, optimizer, schedule, loss_weights, *, state_shardings=None, mesh=None):
+  """`state_shardings` (`parallel.sharding.train_state_shardings`) and `mesh` pin the layout:
+  the state keeps its shardings step after step and the batch is split over every device."""
+  step = functools.partial(
+    train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule, loss_weights=loss_weights
+  )
   # The state is donated: its buffers are reused for the new state, halving peak memory.
+  if state_shardings is None:
+    return jax.jit(step, donate_argnums=0)
   return jax.jit(
-    functools.partial(
-      train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule, loss_weights=loss_weights
-    ),
+    step,
     donate_argnums=0,
+    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
   )
 
 
