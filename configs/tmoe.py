@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.batch_prioritized = False  # capacity goes to the most confident tokens first
   config.model.expert_bias_rate = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias
   config.model.num_shared_experts = 0  # DeepSeekMoE always-on experts beside the routed ones
+  config.model.dispatch = "capacity"  # or "dropless": no capacity, nothing dropped
   config.model.expert_type = "mlp"  # or "gated": SwiGLU with activation "silu", GeGLU with "gelu"
   # "sparse", or "smoe": one shared FFN whose router picks one of num_experts dropout masks
   config.model.moe_layer = "sparse"

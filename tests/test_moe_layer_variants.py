@@ -179,3 +179,21 @@ def test_gated_experts_compute_swiglu_per_expert():
   chex.assert_shape(layer(inputs())[0], (2, 5, 8))
   with pytest.raises(ConfigError, match="model.expert_type"):
     dataclasses.replace(BASE, expert_type="lstm")
+
+
+def test_dropless_dispatch_equals_capacity_dispatch_with_ample_capacity_and_never_drops():
+  x = inputs(batch=2, length=6)
+  ample = dataclasses.replace(BASE, capacity_factor=8.0)
+  capacity_layer = MoEFeedForward(ample, rngs=nnx.Rngs(4))
+  dropless_layer = MoEFeedForward(
+    dataclasses.replace(BASE, dispatch="dropless", capacity_factor=0.25), rngs=nnx.Rngs(4)
+  )
+  y_capacity, _ = capacity_layer(x, deterministic=False)
+  y_dropless, aux = dropless_layer(x, deterministic=False)
+  chex.assert_trees_all_close(y_dropless, y_capacity, atol=1e-5)
+  assert float(aux.dropped_fraction) == 0.0
+  grads = nnx.grad(lambda layer: jnp.sum(layer(x, deterministic=False)[0] ** 2))(dropless_layer)
+  assert float(jnp.abs(grads.router.kernel[...]).sum()) > 0
+  assert float(jnp.abs(grads.experts.w_in_ExDxF[...]).sum()) > 0
+  with pytest.raises(ConfigError, match="model.dispatch"):
+    dataclasses.replace(BASE, dispatch="dropless", expert_type="gated")

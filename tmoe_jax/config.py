@@ -22,6 +22,9 @@ POSITION_EMBEDDINGS = ("sinusoidal", "learned")
 ACTIVATIONS = ("relu", "gelu", "silu")
 ROUTERS = ("top_k", "expert_choice")
 MOE_LAYERS = ("sparse", "smoe")
+# capacity: fixed-size expert buffers, overflow dropped; dropless: every assignment computed
+# (`moe.dropless`: ragged_dot on GPU/TPU, a block loop on CPU).
+DISPATCHES = ("capacity", "dropless")
 EXPERT_TYPES = ("mlp", "gated")  # gated: SwiGLU with activation "silu", GeGLU with "gelu"
 SOFTMAX_ORDERS = ("before", "after")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -69,12 +72,21 @@ class MoEConfig:
   expert_bias_rate: float = 0.0
   num_shared_experts: int = 0
   expert_type: str = "mlp"
+  dispatch: str = "capacity"
   dtype: Any = jnp.float32
   # A ('data', 'expert') jax.sharding.Mesh: top-k layers run expert-parallel on it
   # (`parallel.expert_parallel`); None = the single-device layer.
   mesh: Any = None
 
   def __post_init__(self):
+    require(
+      self.dispatch in DISPATCHES, "model.dispatch", f"must be one of {DISPATCHES}, got {self.dispatch!r}"
+    )
+    require(
+      self.dispatch == "capacity" or (self.router == "top_k" and self.expert_type == "mlp"),
+      "model.dispatch",
+      "dropless is implemented for router top_k with expert_type mlp",
+    )
     require(
       self.expert_type in EXPERT_TYPES,
       "model.expert_type",
@@ -154,6 +166,7 @@ class TransformerConfig:
   expert_bias_rate: float = 0.0
   num_shared_experts: int = 0
   expert_type: str = "mlp"
+  dispatch: str = "capacity"
   moe_layer: str = "sparse"
   smoe_keep_rate: float = 0.5
   dtype: Any = jnp.float32

@@ -16,6 +16,7 @@ from tmoe_jax.moe import dispatch as dispatch_lib
 from tmoe_jax.moe import losses
 from tmoe_jax.feedforward import FeedForward
 from tmoe_jax.moe.expert_choice import expert_choice_combine, expert_choice_dispatch, expert_choice_route
+from tmoe_jax.moe.dropless import dropless_moe
 from tmoe_jax.moe.experts import EXPERT_TYPES
 from tmoe_jax.moe.routing import assign_slots_prioritized, top_k_route, update_expert_bias
 from tmoe_jax.parallel import expert_parallel
@@ -120,7 +121,8 @@ class MoEFeedForward(nnx.Module):
         jitter_key = rngs.dropout()
       # A token count that does not split over the mesh (a small last batch) takes the
       # single-device path, which jit still runs correctly on the sharded weights.
-      if config.mesh is not None and num_tokens % num_token_shards(config.mesh) == 0:
+      # One device needs no shard_map: the local path keeps the fast CPU dropless kernel.
+      if config.mesh is not None and config.mesh.size > 1 and num_tokens % num_token_shards(config.mesh) == 0:
         y_TxD, aux = self._expert_parallel(x_TxD, token_mask_T, jitter_key, deterministic, drop_tokens)
       else:
         router_logits_TxE = self.router(x_TxD.astype(jnp.float32))
@@ -145,14 +147,32 @@ class MoEFeedForward(nnx.Module):
       jitter_eps=config.router_jitter,
       expert_bias_E=self.expert_bias[...] if config.expert_bias_rate else None,
     )
-    if config.batch_prioritized:
-      slots = assign_slots_prioritized(
-        route.expert_indices_TxK, route.router_probs_TxE, config.num_experts, capacity, token_mask_T
+    if config.dispatch == "dropless":
+      experts = self.experts
+      y_TxD = dropless_moe(
+        x_TxD.astype(config.dtype),
+        route.expert_indices_TxK,
+        route.gates_TxK,
+        *(
+          w[...].astype(config.dtype)
+          for w in (experts.w_in_ExDxF, experts.b_in_ExF, experts.w_out_ExFxD, experts.b_out_ExD)
+        ),
+        config.activation,
+        token_mask_T=token_mask_T,
       )
+      dropped_fraction = jnp.zeros((), jnp.float32)
     else:
-      slots = dispatch_lib.assign_slots(route.expert_indices_TxK, config.num_experts, capacity, token_mask_T)
-    expert_in_ExCxD = dispatch_lib.dispatch_tokens(x_TxD, slots, config.num_experts, capacity)
-    y_TxD = dispatch_lib.combine_outputs(self.experts(expert_in_ExCxD), slots, route.gates_TxK)
+      if config.batch_prioritized:
+        slots = assign_slots_prioritized(
+          route.expert_indices_TxK, route.router_probs_TxE, config.num_experts, capacity, token_mask_T
+        )
+      else:
+        slots = dispatch_lib.assign_slots(
+          route.expert_indices_TxK, config.num_experts, capacity, token_mask_T
+        )
+      expert_in_ExCxD = dispatch_lib.dispatch_tokens(x_TxD, slots, config.num_experts, capacity)
+      y_TxD = dispatch_lib.combine_outputs(self.experts(expert_in_ExCxD), slots, route.gates_TxK)
+      dropped_fraction = _dropped_fraction(slots.kept_TxK, token_mask_T)
     aux = MoEAux(
       load_balancing_loss=losses.load_balancing_loss(
         route.router_probs_TxE, route.expert_indices_TxK, token_mask_T
@@ -161,7 +181,7 @@ class MoEFeedForward(nnx.Module):
       expert_fraction_E=losses.expert_assignment_fraction(
         route.expert_indices_TxK, config.num_experts, token_mask_T
       ),
-      dropped_fraction=_dropped_fraction(slots.kept_TxK, token_mask_T),
+      dropped_fraction=dropped_fraction,
       router_entropy=losses.router_entropy(route.router_probs_TxE, token_mask_T),
     )
     return y_TxD, aux
@@ -169,8 +189,8 @@ class MoEFeedForward(nnx.Module):
   def _expert_parallel(self, x_TxD, token_mask_T, jitter_key, deterministic, drop_tokens):
     """Top-k routing on the config's mesh; capacity is per device (see `parallel.expert_parallel`)."""
     config = self.config
-    if not drop_tokens:
-      capacity_factor = None  # dropless
+    if not drop_tokens or config.dispatch == "dropless":
+      capacity_factor = None  # dropless: a padded fixed-size exchange
     else:
       capacity_factor = config.eval_capacity_factor if deterministic else config.capacity_factor
     y_TxD, stats = expert_parallel.expert_parallel_moe(
