@@ -1,11 +1,13 @@
 """`python -m train` as a user runs it: bad input gives one message and exit 2; SIGTERM saves and resumes."""
 
+import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -26,9 +28,24 @@ TINY = [
 ]
 
 
+def subprocess_env() -> dict[str, str]:
+  """The environment with this session's persistent compile cache, so child processes reuse it."""
+  return {
+    **os.environ,
+    "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+
+
 def run_train(*args, timeout=300):
   return subprocess.run(
-    [sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    [sys.executable, "-m", "train", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=subprocess_env(),
   )
 
 
@@ -77,6 +94,7 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path):
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
+    env=subprocess_env(),
   )
   metrics = workdir / "metrics.jsonl"
   deadline = time.monotonic() + 240

@@ -2,28 +2,59 @@
 
 Saves are atomic (Orbax writes to a temporary directory and renames it), so a
 crash mid-save leaves the previous checkpoints intact. Restoring needs an
-abstract TrainState (shapes and dtypes) built from the current config; a
-checkpoint whose shapes disagree raises `WorkdirError` naming the directory.
+abstract TrainState (shapes and dtypes) built from the current config.
+
+Two ways a restore can fail are told apart, because they call for opposite
+responses:
+- the checkpoint's own metadata lists other array names or shapes than the
+  current config builds: the config is wrong, not the files, so `WorkdirError`
+  names the differences and nothing falls back;
+- the metadata cannot be read, or the arrays it describes cannot (files deleted,
+  truncated or overwritten): the checkpoint is damaged. Restoring the newest
+  step then warns on stderr and falls back to the previous step; if no step can
+  be read, `WorkdirError` names the directory rather than starting from scratch.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import sys
+import traceback
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import tree as ocp_tree
 
 from tmoe_jax.errors import WorkdirError
 from tmoe_jax.training.state import TrainState
 
 STATE_ITEM = "state"
+# Damaged step directories are renamed to `<step>.corrupt` (Orbax ignores names that
+# are not step numbers) so that training can write that step again.
+CORRUPT_SUFFIX = ".corrupt"
+_MAX_LISTED_DIFFERENCES = 5
 
 
-def make_manager(directory: str | pathlib.Path, *, max_to_keep: int) -> ocp.CheckpointManager:
+class UnreadableCheckpointError(WorkdirError):
+  """A checkpoint's files are missing, truncated or garbled."""
+
+
+def make_manager(
+  directory: str | pathlib.Path, *, max_to_keep: int, read_only: bool = False
+) -> ocp.CheckpointManager:
+  """A manager for `directory`; `read_only` ones create, clean up and delete nothing (evaluation, loading)."""
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and not directory.is_dir():
     raise WorkdirError(f"{directory}: exists and is not a directory")
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  # Not Orbax's own read_only option: it logs three warnings per manager. A manager
+  # that never saves writes nothing; max_to_keep only acts on save.
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=max_to_keep,
+    create=not read_only,
+    # Leftovers of saves a crash interrupted; they never count as steps.
+    cleanup_tmp_directories=not read_only,
+  )
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -41,20 +72,174 @@ def abstract_like(state: TrainState) -> TrainState:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def restore(
-  manager: ocp.CheckpointManager, abstract_state: TrainState, step: int | None = None
-) -> TrainState:
-  """Restores the checkpoint at `step` (default: newest) into the structure of `abstract_state`."""
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise WorkdirError(f"{manager.directory}: no checkpoint to restore")
+def step_directory(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+  return pathlib.Path(manager.directory) / str(step)
+
+
+def _short(error: BaseException) -> str:
+  """The first line of an error, capped: TensorStore errors run to pages."""
+  lines = str(error).strip().splitlines()
+  # Orbax wraps TensorStore's error in one that points at a spec dump; the cause says more.
+  text = lines[0].split(" See full TensorStore details")[0] if lines else ""
+  if error.__cause__ is not None and "TensorStore" in str(error):
+    text += f" ({_short(error.__cause__)})"
+  text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _shape_differences(saved_metadata, abstract_state: TrainState) -> list[str]:
+  """'name: saved (shape, dtype), now (shape, dtype)' for each array that differs or exists on one side only."""
+
+  def arrays(flat):
+    # Empty containers (e.g. optax's EmptyState) hold no data; only arrays must agree.
+    return {name: leaf for name, leaf in flat.items() if hasattr(leaf, "shape")}
+
+  saved = arrays(ocp_tree.to_flat_dict(saved_metadata, sep="."))
+  # keep_empty_nodes: Orbax cannot serialize a list with an empty element otherwise.
+  current = arrays(
+    ocp_tree.to_flat_dict(ocp_tree.serialize_tree(abstract_state, keep_empty_nodes=True), sep=".")
+  )
+
+  def describe(leaf):
+    return f"{tuple(leaf.shape)} {leaf.dtype}"
+
+  differences = []
+  # Parameters first: they say what differs in the model; optimizer moments only repeat it.
+  for name in sorted(set(saved) | set(current), key=lambda name: (not name.startswith("params."), name)):
+    if name not in saved:
+      differences.append(f"{name}: not in the checkpoint")
+    elif name not in current:
+      differences.append(f"{name}: in the checkpoint but not in the current model")
+    elif describe(saved[name]) != describe(current[name]):
+      differences.append(f"{name}: saved {describe(saved[name])}, now {describe(current[name])}")
+  return differences
+
+
+def _is_abandoned_read(unraisable) -> bool:
+  """Whether an unraisable exception comes from the reads Orbax abandons when a restore fails.
+
+  Those reads finish later, on an event loop that is already closed, and Python would
+  print a traceback for each: the coroutines Orbax leaves behind, and TensorStore's
+  completion callbacks calling `call_soon_threadsafe` on the closed loop.
+  """
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None and "orbax" in code.co_filename:
+    return True
+  if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return any(frame.name == "call_soon_threadsafe" for frame in frames)
+  return False
+
+
+class _AbandonedReadLogFilter(logging.Filter):
+  """asyncio's 'Task exception was never retrieved' for the reads of a failed Orbax restore."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+
+
+def _silence_abandoned_reads() -> None:
+  """Drops the tracebacks of a failed restore's leftover reads; the failure itself is reported.
+
+  Installed once per process, at the first restore; a restore that succeeds leaves
+  no such reads, and other unraisable exceptions and asyncio messages get through.
+  """
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedReadLogFilter) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_AbandonedReadLogFilter())
+  if getattr(sys.unraisablehook, "is_tmoe_filter", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable):
+      previous(unraisable)
+
+  hook.is_tmoe_filter = True
+  sys.unraisablehook = hook
+
+
+def _restore_step(manager: ocp.CheckpointManager, abstract_state: TrainState, step: int) -> TrainState:
+  """Restores one step; raises WorkdirError (config mismatch) or UnreadableCheckpointError (damage)."""
+  # Before reading, not after a failure: the leftover reads may finish before the error reaches us.
+  _silence_abandoned_reads()
+  directory = step_directory(manager, step)
+  try:
+    metadata = ocp.StandardCheckpointHandler().metadata(directory / STATE_ITEM)
+    saved_tree = metadata.tree
+  except Exception as error:  # any failure to read the metadata means damaged files
+    raise UnreadableCheckpointError(
+      f"{directory}: cannot read the checkpoint metadata ({_short(error)})"
+    ) from error
+  differences = _shape_differences(saved_tree, abstract_state)
+  if differences:
+    listed = "; ".join(differences[:_MAX_LISTED_DIFFERENCES])
+    more = len(differences) - _MAX_LISTED_DIFFERENCES
+    raise WorkdirError(
+      f"{directory}: checkpoint does not match the current model config "
+      f"(was it written with other model settings?): {listed}" + (f"; and {more} more" if more > 0 else "")
+    )
   try:
     restored = manager.restore(
       step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
     )
-  except (ValueError, KeyError, TypeError) as error:
-    raise WorkdirError(
-      f"{manager.directory}/{step}: checkpoint does not match the current model config "
-      f"(was it written with other model settings?): {error}"
-    ) from error
+  except Exception as error:  # TensorStore raises plain Exception for unreadable data
+    raise UnreadableCheckpointError(f"{directory}: cannot read the checkpoint ({_short(error)})") from error
   return restored[STATE_ITEM]
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+  """Renames a damaged step directory out of Orbax's view, never overwriting an earlier one."""
+  source = step_directory(manager, step)
+  target = source.with_name(f"{step}{CORRUPT_SUFFIX}")
+  attempt = 1
+  while target.exists():
+    target = source.with_name(f"{step}{CORRUPT_SUFFIX}-{attempt}")
+    attempt += 1
+  source.rename(target)
+  return target
+
+
+def restore(
+  manager: ocp.CheckpointManager,
+  abstract_state: TrainState,
+  step: int | None = None,
+  *,
+  set_aside_unreadable: bool = False,
+) -> TrainState:
+  """Restores a checkpoint into the structure of `abstract_state`.
+
+  step: that step exactly (WorkdirError if it is missing or unreadable); None: the
+    newest step that can be read, warning on stderr about each newer one that cannot.
+  set_aside_unreadable: rename the unreadable newer steps to `<step>.corrupt`, so a
+    resumed run can save those steps again (training sets it; read-only loading does not).
+  """
+  available = sorted(manager.all_steps(), reverse=True)
+  if not available:
+    raise WorkdirError(f"{manager.directory}: no checkpoint to restore")
+  if step is not None:
+    if step not in available:
+      raise WorkdirError(f"{manager.directory}: no checkpoint at step {step}; available: {sorted(available)}")
+    return _restore_step(manager, abstract_state, step)
+
+  unreadable = []
+  for candidate in available:
+    try:
+      state = _restore_step(manager, abstract_state, candidate)
+    except UnreadableCheckpointError as error:
+      older = [s for s in available if s < candidate]
+      fallback = f"falling back to step {older[0]}" if older else "no older checkpoint to fall back to"
+      sys.stderr.write(f"warning: {error}; {fallback}\n")
+      unreadable.append(candidate)
+      continue
+    if set_aside_unreadable and unreadable:
+      for bad_step in unreadable:
+        moved_to = _set_aside(manager, bad_step)
+        sys.stderr.write(f"warning: moved the unreadable checkpoint {bad_step} to {moved_to}\n")
+      manager.reload()
+    return state
+  raise WorkdirError(
+    f"{manager.directory}: none of the checkpoints (steps {sorted(available)}) can be read; "
+    "move the directory away to start from scratch"
+  )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Mapping
+import sys
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -24,33 +26,71 @@ def to_python(value: Any) -> Any:
   return item
 
 
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes via a temporary file and a rename, so a crash never leaves half a file behind."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def _parse_rows(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The rows of a metrics file; a line that is not JSON (a write cut short by a kill) is skipped with a warning."""
+  rows = []
+  for number, line in enumerate(path.read_text().splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      sys.stderr.write(
+        f"warning: {path}:{number}: skipping a line that is not JSON (cut short by a crash?)\n"
+      )
+      continue
+    if isinstance(row, dict):
+      rows.append(row)
+  return rows
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple[Any, Any]:
+  return row.get("step"), row.get("split")
+
+
 class MetricsWriter:
-  """Appends one JSON object per line to `<workdir>/metrics.jsonl`.
+  """Appends one JSON object per line to `<workdir>/metrics.jsonl`, at most one per (step, split).
 
   On resume, rows for steps after the restored checkpoint are dropped first, so
-  the file never holds two different histories of the same step.
+  the file never holds two different histories of the same step; writing a row
+  for a (step, split) already present (the final evaluation of a run restarted
+  after it finished training) replaces the old row.
   """
 
   def __init__(self, workdir: pathlib.Path, *, resume_step: int):
     self.path = pathlib.Path(workdir) / METRICS_FILE
+    self._keys: set[tuple[Any, Any]] = set()
     if self.path.exists():
-      kept = [
-        line
-        for line in self.path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= resume_step
-      ]
-      self.path.write_text("".join(line + "\n" for line in kept))
+      kept = [row for row in _parse_rows(self.path) if row.get("step", 0) <= resume_step]
+      self._rewrite(kept)
+
+  def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+    write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+    self._keys = {_row_key(row) for row in rows}
 
   def write(self, row: Mapping[str, Any]) -> None:
+    row = to_python(row)
+    key = _row_key(row)
+    if key in self._keys:
+      self._rewrite([old for old in _parse_rows(self.path) if _row_key(old) != key])
     with self.path.open("a") as f:
-      f.write(json.dumps(to_python(row)) + "\n")
+      f.write(json.dumps(row) + "\n")
+    self._keys.add(key)
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict[str, Any]]:
   path = pathlib.Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return _parse_rows(path)
 
 
 def write_results(workdir: pathlib.Path, results: Mapping[str, Any]) -> pathlib.Path:
@@ -60,9 +100,7 @@ def write_results(workdir: pathlib.Path, results: Mapping[str, Any]) -> pathlib.
     value = to_python(value)
     lines.append(f"{name}: {value!r}" if isinstance(value, float) else f"{name}: {value}")
   path = pathlib.Path(workdir) / RESULTS_FILE
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text("\n".join(lines) + "\n")
-  tmp.replace(path)  # atomic: a crash never leaves half a results file
+  write_text_atomic(path, "\n".join(lines) + "\n")
   return path
 
 
@@ -88,7 +126,9 @@ def plot_loss_curve(workdir: pathlib.Path) -> pathlib.Path | None:
   axes.grid(True, alpha=0.3)
   axes.legend()
   path = pathlib.Path(workdir) / LOSS_CURVE_FILE
+  tmp = path.with_name(path.name + ".tmp")
   figure.tight_layout()
-  figure.savefig(path, dpi=100)
+  figure.savefig(tmp, dpi=100, format="png")
   plt.close(figure)
+  tmp.replace(path)
   return path

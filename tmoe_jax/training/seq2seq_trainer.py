@@ -4,16 +4,24 @@
 newest checkpoint in `workdir` if there is one, trains to `train.num_steps`,
 evaluates, and writes config.json, vocabulary.json, metrics.jsonl,
 results.txt, loss_curve.png and checkpoints/ into the workdir.
+
+Crash safety: files are replaced atomically and metrics rows past the restored
+step are dropped, so a run killed at any point and rerun ends as an
+uninterrupted one would. Every step reports whether its loss, gradients and new
+state are finite; the host reads those flags before any row, evaluation or
+checkpoint depends on them and stops with TrainingDivergedError otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
@@ -39,7 +47,18 @@ RESUME_INCOMPATIBLE_SECTIONS = ("model", "data")
 
 
 class TrainingDivergedError(TmoeError):
-  """The loss or gradients became non-finite."""
+  """The loss, gradients or train state became non-finite."""
+
+
+def read_saved_config_json(path: pathlib.Path) -> dict[str, Any]:
+  """The config a workdir was written with, as nested dicts; WorkdirError if it is not a JSON object."""
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise WorkdirError(f"{path}: cannot read the saved config ({error})") from error
+  if not isinstance(saved, dict):
+    raise WorkdirError(f"{path}: the saved config is not a JSON object")
+  return saved
 
 
 def prepare_workdir(workdir: pathlib.Path, config) -> None:
@@ -50,7 +69,7 @@ def prepare_workdir(workdir: pathlib.Path, config) -> None:
   saved_path = workdir / CONFIG_FILE
   current = json.loads(config.to_json())
   if saved_path.exists():
-    saved = json.loads(saved_path.read_text())
+    saved = read_saved_config_json(saved_path)
     differences = [
       f"{section}.{key}: saved {saved.get(section, {}).get(key)!r}, now {current[section].get(key)!r}"
       for section in RESUME_INCOMPATIBLE_SECTIONS
@@ -62,7 +81,7 @@ def prepare_workdir(workdir: pathlib.Path, config) -> None:
         f"{saved_path}: this workdir was written by an incompatible config; use another "
         "--workdir or the same settings. Differences: " + "; ".join(differences)
       )
-  saved_path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+  reporting.write_text_atomic(saved_path, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 def build_model(config, vocab_size: int, seed: int) -> Transformer:
@@ -107,20 +126,47 @@ def evaluate(
   }
 
 
-class _PendingMetrics:
-  """Holds a step's device metrics until the next step is dispatched, then fetches them.
+def all_finite(tree) -> jax.Array:
+  """bool scalar: every floating-point leaf of `tree` is finite (integer leaves cannot overflow)."""
+  flags = [
+    jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
-  Fetching right away would make the host wait for the device every step.
+
+def checked_train_step(state: TrainState, batch, **step_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`seq2seq_steps.train_step`, plus `metrics["is_finite"]`: loss, gradients and the whole new state are finite.
+
+  Computed inside the jitted step so the host reads one flag per step, and only when
+  something depends on it (a metrics row, an evaluation, a checkpoint); the check
+  covers the optimizer moments too, which can overflow while the parameters do not.
   """
+  new_state, metrics = steps.train_step(state, batch, **step_kwargs)
+  metrics["is_finite"] = all_finite((metrics["loss"], metrics["aux_loss"], metrics["grad_norm"], new_state))
+  return new_state, metrics
 
-  def __init__(self):
-    self.step = None
-    self.metrics = None
 
-  def swap(self, step, metrics):
-    previous = (self.step, self.metrics)
-    self.step, self.metrics = step, metrics
-    return previous
+def jit_checked_train_step(graphdef, optimizer, schedule, loss_weights, *, state_shardings=None, mesh=None):
+  """`checked_train_step` jitted like `seq2seq_steps.jit_train_step`: state donated, optional shardings."""
+  step = functools.partial(
+    checked_train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule, loss_weights=loss_weights
+  )
+  if state_shardings is None:
+    return jax.jit(step, donate_argnums=0)
+  from tmoe_jax.parallel import sharding  # only multi-device runs need it
+
+  return jax.jit(
+    step,
+    donate_argnums=0,
+    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+  )
+
+
+# What a step keeps for the host until its finiteness is checked: enough to say what went wrong.
+_DIVERGENCE_METRICS = ("is_finite", "loss", "aux_loss", "grad_norm")
+# Unchecked steps are checked anyway once this many pile up (a huge log_every, no checkpoints).
+_MAX_UNCHECKED_STEPS = 256
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -137,116 +183,152 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
       f"({max(data.max_source_length, data.max_target_length)}), got {model.config.max_length}"
     )
   prepare_workdir(workdir, config)
-  (workdir / VOCABULARY_FILE).write_text(data.vocabulary.to_json())
+  reporting.write_text_atomic(workdir / VOCABULARY_FILE, data.vocabulary.to_json())
 
   train_config = config.train
   optimizer = make_optimizer(train_config)
   schedule = make_schedule(train_config)
   graphdef, state = create_train_state(model, optimizer, train_config.seed)
   num_params = count_params(state.params)
-  manager = checkpointing.make_manager(workdir / CHECKPOINT_DIR, max_to_keep=train_config.keep_checkpoints)
-  if manager.latest_step() is not None:
-    state = checkpointing.restore(manager, checkpointing.abstract_like(state))
-    print(f"resumed from {manager.directory}/{int(state.step)}")
-  start_step = int(state.step)
+  # Closing waits for the saves in flight, also when training stops with an error.
+  with checkpointing.make_manager(
+    workdir / CHECKPOINT_DIR, max_to_keep=train_config.keep_checkpoints
+  ) as manager:
+    if manager.all_steps():
+      # Falls back past damaged newer checkpoints (with a warning), never to a fresh start.
+      state = checkpointing.restore(manager, checkpointing.abstract_like(state), set_aside_unreadable=True)
+      print(f"resumed from {manager.directory}/{int(state.step)}")
+    start_step = int(state.step)
 
-  loss_weights = steps.LossWeights(
-    train_config.label_smoothing, config.model.load_balancing_weight, config.model.router_z_weight
-  )
-  train_step = steps.jit_train_step(graphdef, optimizer, schedule, loss_weights)
-  eval_fn = steps.jit_eval_step(graphdef)
-  decode_fn = steps.jit_decode(
-    graphdef,
-    max_length=data.max_target_length,
-    beam_size=config.eval.beam_size,
-    bos_id=data.vocabulary.BOS_ID,
-    eos_id=data.vocabulary.EOS_ID,
-    length_penalty=config.eval.length_penalty,
-  )
-  writer = reporting.MetricsWriter(workdir, resume_step=start_step)
-  train_split, test_split = data.splits["train"], data.splits["test"]
+    loss_weights = steps.LossWeights(
+      train_config.label_smoothing, config.model.load_balancing_weight, config.model.router_z_weight
+    )
+    train_step = jit_checked_train_step(graphdef, optimizer, schedule, loss_weights)
+    eval_fn = steps.jit_eval_step(graphdef)
+    decode_fn = steps.jit_decode(
+      graphdef,
+      max_length=data.max_target_length,
+      beam_size=config.eval.beam_size,
+      bos_id=data.vocabulary.BOS_ID,
+      eos_id=data.vocabulary.EOS_ID,
+      length_penalty=config.eval.length_penalty,
+    )
+    writer = reporting.MetricsWriter(workdir, resume_step=start_step)
+    train_split, test_split = data.splits["train"], data.splits["test"]
 
-  def batch_at(step: int):
-    indices = batching.example_indices(len(train_split), train_config.batch_size, train_config.seed, step)
-    return make_batch(train_split, indices, data.vocabulary.BOS_ID)
+    def batch_at(step: int):
+      indices = batching.example_indices(len(train_split), train_config.batch_size, train_config.seed, step)
+      return make_batch(train_split, indices, data.vocabulary.BOS_ID)
 
-  def log_train(step, metrics, tokens_per_second):
-    metrics = jax.device_get(metrics)
-    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-      raise TrainingDivergedError(
-        f"non-finite loss {metrics['loss']} or gradient norm "
-        f"{metrics['grad_norm']} at step {step}; the last finite checkpoint is kept"
-      )
-    row = {
-      "step": step,
-      "split": "train",
-      **reporting.to_python(metrics),
-      "tokens_per_second": tokens_per_second,
-    }
-    writer.write(row)
-    return row
+    # Steps whose `is_finite` flag the host has not read yet, oldest first: (step, metrics).
+    unchecked: list[tuple[int, dict[str, jax.Array]]] = []
 
-  def save_if_finite(state, metrics):
-    metrics = jax.device_get(metrics)
-    if metrics is not None and not np.isfinite(metrics["loss"]):
-      raise TrainingDivergedError(f"non-finite loss at step {int(state.step)}; not saving it")
-    checkpointing.save(manager, state)
+    def check_finite(up_to_step: int) -> None:
+      """Raises TrainingDivergedError at the first non-finite step <= up_to_step."""
+      due = [(step, metrics) for step, metrics in unchecked if step <= up_to_step]
+      if not due:
+        return
+      for (step, metrics), ok in zip(due, jax.device_get([metrics["is_finite"] for _, metrics in due])):
+        if not ok:
+          values = jax.device_get(metrics)
+          manager.wait_until_finished()  # the saves in flight hold finite states: let them land
+          last = manager.latest_step()
+          kept = (
+            f"the last checkpoint, {manager.directory}/{last}, was written before it and is kept"
+            if last is not None
+            else "no checkpoint was written"
+          )
+          raise TrainingDivergedError(
+            f"training diverged at step {step}: non-finite loss, gradients or train state "
+            f"(loss {values['loss']:.4g}, aux_loss {values['aux_loss']:.4g}, "
+            f"grad_norm {values['grad_norm']:.4g}); {kept}. Try a lower train.learning_rate "
+            "or train.grad_clip_norm > 0"
+          )
+      del unchecked[: len(due)]
 
-  pending = _PendingMetrics()
-  last_metrics = None
-  train_seconds = 0.0
-  tokens_since_log, time_of_log = 0, time.perf_counter()
-  stopped_by = ""
-  progress = tqdm.tqdm(
-    total=train_config.num_steps,
-    initial=start_step,
-    disable=not train_config.progress_bar,
-    dynamic_ncols=True,
-    mininterval=1.0,
-    desc="train",
-  )
-  with PreemptionGuard() as guard:
-    for step in range(start_step, train_config.num_steps):
-      step_start = time.perf_counter()
-      batch = batch_at(step)
-      state, metrics = train_step(state, batch)
-      tokens_since_log += int(np.sum(batch["source"] != 0) + np.sum(batch["target"] != 0))
-      done = step + 1
-      previous_step, previous_metrics = pending.swap(done, metrics)
-      last_metrics = metrics
-      if previous_step is not None and (previous_step % train_config.log_every == 0):
-        now = time.perf_counter()
-        row = log_train(previous_step, previous_metrics, tokens_since_log / max(now - time_of_log, 1e-9))
-        tokens_since_log, time_of_log = 0, now
-        progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
-      train_seconds += time.perf_counter() - step_start
-      progress.update(1)
-      if train_config.eval_every and done % train_config.eval_every == 0 and done < train_config.num_steps:
-        result = evaluate(
-          state,
-          test_split,
-          data.vocabulary,
-          config.eval,
-          num_examples=config.eval.num_examples_during_training,
-          eval_fn=eval_fn,
-          decode_fn=decode_fn,
-        )
-        writer.write({"step": done, "split": "test", **result})
-        progress.write(f"step {done}: test exact_match={result['exact_match']:.4f} loss={result['loss']:.4f}")
-      if train_config.checkpoint_every and done % train_config.checkpoint_every == 0:
-        save_if_finite(state, metrics)
-      if guard.requested:
-        stopped_by = guard.signal_name
-        break
-    progress.close()
-    if last_metrics is not None:
-      final_step, final_metrics = pending.swap(None, None)
-      if final_step is not None and (
-        final_step % train_config.log_every == 0 or final_step == train_config.num_steps or stopped_by
-      ):
-        log_train(final_step, final_metrics, tokens_since_log / max(time.perf_counter() - time_of_log, 1e-9))
-    save_if_finite(state, last_metrics)
-    manager.wait_until_finished()
+    def save_checked(state: TrainState) -> None:
+      check_finite(int(state.step))
+      checkpointing.save(manager, state)
+
+    # The newest step's metrics, written one step late (once the next step is queued)
+    # so that the host never waits for the device just to log.
+    pending: tuple[int, dict[str, jax.Array]] | None = None
+    train_seconds = 0.0
+    tokens_since_log, time_of_log = 0, time.perf_counter()
+    stopped_by = ""
+
+    def log_pending(*, final: bool = False) -> None:
+      """Writes the pending step's row if it is a logging step (or the last step of this run)."""
+      nonlocal pending, tokens_since_log, time_of_log
+      if pending is None:
+        return
+      step, metrics = pending
+      if not (step % train_config.log_every == 0 or step == train_config.num_steps or final):
+        return
+      check_finite(step)
+      now = time.perf_counter()
+      row = {
+        "step": step,
+        "split": "train",
+        **reporting.to_python({k: v for k, v in metrics.items() if k != "is_finite"}),
+        "tokens_per_second": tokens_since_log / max(now - time_of_log, 1e-9),
+      }
+      writer.write(row)
+      tokens_since_log, time_of_log, pending = 0, now, None
+      progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+
+    progress = tqdm.tqdm(
+      total=train_config.num_steps,
+      initial=start_step,
+      disable=not train_config.progress_bar,
+      dynamic_ncols=True,
+      mininterval=1.0,
+      desc="train",
+    )
+    with PreemptionGuard() as guard:
+      try:
+        for step in range(start_step, train_config.num_steps):
+          step_start = time.perf_counter()
+          batch = batch_at(step)
+          state, metrics = train_step(state, batch)
+          tokens_since_log += int(np.sum(batch["source"] != 0) + np.sum(batch["target"] != 0))
+          done = step + 1
+          unchecked.append((done, {k: metrics[k] for k in _DIVERGENCE_METRICS}))
+          log_pending()  # the previous step's row, now that this step is queued
+          pending = (done, metrics)
+          if len(unchecked) > _MAX_UNCHECKED_STEPS:
+            check_finite(done - 1)
+          train_seconds += time.perf_counter() - step_start
+          progress.update(1)
+          if (
+            train_config.eval_every and done % train_config.eval_every == 0 and done < train_config.num_steps
+          ):
+            log_pending()  # rows stay in step order; evaluating waits for the device anyway
+            check_finite(done)
+            result = evaluate(
+              state,
+              test_split,
+              data.vocabulary,
+              config.eval,
+              num_examples=config.eval.num_examples_during_training,
+              eval_fn=eval_fn,
+              decode_fn=decode_fn,
+            )
+            writer.write({"step": done, "split": "test", **result})
+            progress.write(
+              f"step {done}: test exact_match={result['exact_match']:.4f} loss={result['loss']:.4f}"
+            )
+          if train_config.checkpoint_every and done % train_config.checkpoint_every == 0:
+            # The row goes first: a crash right after the save must not leave a resumed run without it.
+            log_pending()
+            save_checked(state)
+          if guard.requested:
+            stopped_by = guard.signal_name
+            break
+        log_pending(final=True)
+        save_checked(state)
+      finally:
+        progress.close()
   if stopped_by:
     print(
       f"stopped by {stopped_by} at step {int(state.step)}; checkpoint saved in {manager.directory}. "

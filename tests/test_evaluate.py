@@ -1,0 +1,267 @@
+"""Using a trained run: `tmoe_jax.load`, `python -m train.evaluate` and `python -m train.translate`."""
+
+import dataclasses
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import chex
+import numpy as np
+import pytest
+from flax import nnx
+from test_cli import REPO, subprocess_env
+from test_training import tiny_config
+
+import tmoe_jax
+import train.evaluate
+import train.translate
+from tmoe_jax import loading
+from tmoe_jax.data.seq2seq import decoder_inputs, load_seq2seq_data
+from tmoe_jax.errors import DataError
+from tmoe_jax.training import seq2seq_steps as steps
+from tmoe_jax.training import seq2seq_trainer
+
+
+def trained_config():
+  # The same compiled step as test_training's resumed runs and test_crash_safety's.
+  return tiny_config(num_steps=4, checkpoint_every=2, schedule="constant")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A finished 4-step run (checkpoints at 2 and 4) and its results."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  results = seq2seq_trainer.train_and_evaluate(trained_config(), workdir)
+  return workdir, results
+
+
+# --- tmoe_jax.load ------------------------------------------------------------------------
+
+
+def test_load_restores_the_newest_checkpoint_into_a_callable_model(trained):
+  workdir, _ = trained
+  run = tmoe_jax.load(workdir)
+  assert run.step == 4
+  assert run.config.model.d_model == 32 and run.config.task == "seq2seq"
+  assert run.vocabulary == loading.read_vocabulary(workdir)
+  _, state = loading.restore_train_state(workdir, run.config, run.vocabulary.size)
+  chex.assert_trees_all_equal(nnx.state(run.model, nnx.Param), state.params)
+
+  data = load_seq2seq_data(run.config.data)
+  test = data.splits["test"]
+  logits, _ = run.model(
+    test.source_ids_NxS[:3], decoder_inputs(test.target_ids_NxL[:3], run.vocabulary.BOS_ID)
+  )
+  chex.assert_shape(logits, (3, data.max_target_length, run.vocabulary.size))
+  assert np.all(np.isfinite(logits))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    run.step = 0
+  assert tmoe_jax.load(workdir, step=2).step == 2
+
+
+def test_translate_matches_decoding_the_padded_evaluation_batch(trained):
+  """Batching by powers of two (rows repeated) decodes each text as the evaluation batch does."""
+  workdir, _ = trained
+  run = tmoe_jax.load(workdir)
+  test = load_seq2seq_data(run.config.data).splits["test"]
+  graphdef, params, model_state = nnx.split(run.model, nnx.Param, ...)
+  decode = steps.jit_decode(
+    graphdef,
+    max_length=run.max_target_length,
+    beam_size=1,
+    bos_id=run.vocabulary.BOS_ID,
+    eos_id=run.vocabulary.EOS_ID,
+  )
+  expected = [
+    run.vocabulary.decode(row) for row in np.asarray(decode(params, model_state, test.source_ids_NxS))
+  ]
+  assert run.translate(test.sources[:5]) == expected[:5]
+  assert run.translate(test.sources) == expected  # 24 texts: batches of 16 and 8
+  assert run.translate([]) == []
+  too_long = "x" * (run.max_source_chars + 1)
+  with pytest.raises(DataError, match=r"texts\[1\] 'xxx.*: 30 characters; this model reads at most 29"):
+    run.translate(["3/3/98", too_long])
+
+
+# --- python -m train.evaluate -------------------------------------------------------------
+
+
+def test_evaluate_reproduces_the_final_results_and_writes_them(trained, capsys):
+  workdir, results = trained
+  train.evaluate.main(["--workdir", str(workdir)])
+  out = capsys.readouterr().out
+  assert "step 4, split test (24 examples, greedy):" in out
+  written = json.loads((workdir / "eval-4-test.json").read_text())
+  assert f"wrote {workdir / 'eval-4-test.json'}" in out
+  # The same checkpoint and evaluation as the end of training: the same numbers, exactly.
+  assert written["exact_match"] == results["exact_match"]
+  assert written["token_accuracy"] == results["token_accuracy"]
+  assert written["loss"] == results["test_loss"]
+  assert (written["step"], written["split"], written["decode"], written["num_examples"]) == (
+    4,
+    "test",
+    "greedy",
+    24,
+  )
+  assert written["eval_config"]["beam_size"] == 1
+
+
+def test_evaluate_an_older_step_on_another_split_with_beam_search(trained):
+  workdir, _ = trained
+  results, path = train.evaluate.evaluate(
+    workdir, step=2, split="train", raw_overrides={"eval.beam_size": "2", "eval.batch_size": "128"}
+  )
+  assert path == workdir / "eval-2-train.json"
+  assert (results["step"], results["decode"], results["num_examples"]) == (2, "beam2", 256)
+  assert json.loads(path.read_text())["eval_config"]["batch_size"] == 128
+  assert 0.0 <= results["token_accuracy"] <= 1.0 and np.isfinite(results["loss"])
+
+
+def expect_usage_error(main, argv, capsys, message):
+  with pytest.raises(SystemExit) as exit_info:
+    main(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err, err
+  return err
+
+
+@pytest.mark.parametrize(
+  "extra_args, message",
+  [
+    (["--split", "dev"], "--split: unknown split 'dev'; data 'dates' has ['test', 'train']"),
+    (["--step", "3"], "no checkpoint at step 3; available: [2, 4]"),
+    (["--config.model.d_model=16"], "model.d_model: only eval.* fields can be changed"),
+    (["--config.eval.beam_size=two"], "eval.beam_size: expected int, got 'two'"),
+    (["--config.eval.beam_size", "0"], "eval.beam_size: must be >= 1 (1 = greedy), got 0"),
+    (["--config.eval.beam=2"], "eval.beam: no such field"),
+    (["--splits", "test"], "unrecognized arguments: --splits test"),
+  ],
+)
+def test_evaluate_bad_input_exits_2_with_one_message(trained, capsys, extra_args, message):
+  workdir, _ = trained
+  expect_usage_error(train.evaluate.main, ["--workdir", str(workdir), *extra_args], capsys, message)
+
+
+def test_evaluate_a_workdir_without_checkpoints_or_missing_exits_2(trained, tmp_path, capsys):
+  workdir = tmp_path / "no_checkpoints"
+  workdir.mkdir()
+  for name in ("config.json", "vocabulary.json"):
+    (workdir / name).write_text((trained[0] / name).read_text())
+  expect_usage_error(
+    train.evaluate.main, ["--workdir", str(workdir)], capsys, "no checkpoints in this workdir"
+  )
+  expect_usage_error(
+    train.evaluate.main,
+    ["--workdir", str(tmp_path / "missing")],
+    capsys,
+    f"{tmp_path / 'missing'}: no such workdir",
+  )
+  expect_usage_error(
+    train.evaluate.main, ["--workdir", str(tmp_path)], capsys, f"{tmp_path / 'config.json'}: missing"
+  )
+
+
+def test_evaluate_cli_on_a_workdir_of_another_model_shape_exits_2_without_traceback(trained, tmp_path):
+  """config.json edited to another d_model: the checkpoint's shapes disagree, named, exit 2."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained[0], workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  config["model"]["d_model"] = 16
+  (workdir / "config.json").write_text(json.dumps(config))
+  result = subprocess.run(
+    [sys.executable, "-m", "train.evaluate", "--workdir", str(workdir)],
+    cwd=REPO,
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env=subprocess_env(),
+  )
+  assert result.returncode == 2, result.stderr
+  assert "checkpoint does not match the current model config" in result.stderr
+  assert "saved (32,) float32, now (16,) float32" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_evaluate_cli_falls_back_past_a_damaged_newest_checkpoint_quietly(trained, tmp_path):
+  """One warning line naming the damaged step, then step 2's evaluation: no Orbax tracebacks."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained[0], workdir)
+  # Zero the array data but not the metadata, so that Orbax starts reading and fails midway.
+  data_files = [p for p in (workdir / "checkpoints" / "4").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert data_files
+  for path in data_files:
+    path.write_bytes(bytes(path.stat().st_size))
+  result = subprocess.run(
+    [sys.executable, "-m", "train.evaluate", "--workdir", str(workdir)],
+    cwd=REPO,
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env=subprocess_env(),
+  )
+  assert result.returncode == 0, result.stderr
+  assert f"warning: {(workdir / 'checkpoints').absolute()}/4: cannot read the checkpoint" in result.stderr
+  assert "falling back to step 2" in result.stderr
+  assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr, result.stderr
+  assert "step 2, split test" in result.stdout
+  assert (workdir / "checkpoints" / "4").is_dir()  # evaluation reads; it moves nothing aside
+
+
+# --- python -m train.translate ------------------------------------------------------------
+
+
+def test_translate_reads_stdin_and_prints_one_line_per_input(trained, capsys, monkeypatch):
+  workdir, _ = trained
+  lines = ["3/3/98", "tue 3 mar 1998", "", "March 3rd, '98"]
+  monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+  train.translate.main(["--workdir", str(workdir)])
+  out = capsys.readouterr().out
+  assert out.splitlines() == tmoe_jax.load(workdir).translate(lines)
+
+
+def test_translate_arguments_with_beam_search(trained, capsys):
+  workdir, _ = trained
+  train.translate.main(
+    ["--workdir", str(workdir), "--step", "2", "--config.eval.beam_size=2", "3/3/98", "1.2.2003"]
+  )
+  out = capsys.readouterr().out
+  expected = tmoe_jax.load(workdir, step=2, eval_overrides={"eval.beam_size": 2}).translate(
+    ["3/3/98", "1.2.2003"]
+  )
+  assert out.splitlines() == expected
+
+
+def test_translate_cli_names_a_line_that_is_too_long_and_exits_2(trained):
+  workdir, _ = trained
+  stdin = "3/3/98\n" + "Wednesday, 31st of December 1999 AD\n"
+  result = subprocess.run(
+    [sys.executable, "-m", "train.translate", "--workdir", str(workdir)],
+    cwd=REPO,
+    check=False,
+    input=stdin,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env=subprocess_env(),
+  )
+  assert result.returncode == 2, result.stderr
+  assert (
+    "error: line 2 'Wednesday, 31st of December 1999 AD': 35 characters, longer than the model's "
+    "maximum source length of 29 characters" in result.stderr
+  )
+  assert "Traceback" not in result.stderr
+  assert result.stdout == ""
+
+
+def test_translate_bad_override_exits_2(trained, capsys):
+  expect_usage_error(
+    train.translate.main,
+    ["--workdir", str(trained[0]), "--config.train.seed=1", "3/3/98"],
+    capsys,
+    "train.seed: only eval.* fields can be changed",
+  )
