@@ -95,10 +95,12 @@ def test_evaluate_reproduces_the_final_results_and_writes_them(trained, capsys):
   assert "step 4, split test (24 examples, greedy):" in out
   written = json.loads((workdir / "eval-4-test.json").read_text())
   assert f"wrote {workdir / 'eval-4-test.json'}" in out
-  # The same checkpoint and evaluation as the end of training: the same numbers, exactly.
+  # The same checkpoint and evaluation as the end of training: the same decoded numbers,
+  # exactly. The loss may differ in the last bits: under the tests' 8 CPU devices training
+  # evaluated with data-parallel sharded arrays, `evaluate` on one device (summation order).
   assert written["exact_match"] == results["exact_match"]
   assert written["token_accuracy"] == results["token_accuracy"]
-  assert written["loss"] == results["test_loss"]
+  assert written["loss"] == pytest.approx(results["test_loss"], rel=1e-6)
   assert (written["step"], written["split"], written["decode"], written["num_examples"]) == (
     4,
     "test",

@@ -104,7 +104,18 @@ def train_step(
   new_state = TrainState(
     step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state, rng=rng
   )
+  # Checked on device so the host reads one flag per step; it covers the optimizer
+  # moments too, which can overflow while the parameters do not.
+  metrics["is_finite"] = all_finite((metrics["loss"], metrics["aux_loss"], metrics["grad_norm"], new_state))
   return new_state, metrics
+
+
+def all_finite(tree) -> jax.Array:
+  """bool scalar: every floating-point leaf of `tree` is finite (integer leaves cannot overflow)."""
+  flags = [
+    jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
 def eval_step(

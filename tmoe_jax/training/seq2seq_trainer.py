@@ -14,14 +14,12 @@ checkpoint depends on them and stops with TrainingDivergedError otherwise.
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
@@ -31,6 +29,8 @@ from tmoe_jax.data import batching
 from tmoe_jax.data.seq2seq import Seq2SeqData, Seq2SeqSplit, load_seq2seq_data, make_batch
 from tmoe_jax.data.vocabulary import CharVocabulary
 from tmoe_jax.errors import ConfigError, TmoeError, WorkdirError
+from tmoe_jax.parallel.mesh import check_batch_divisible, make_mesh
+from tmoe_jax.parallel.sharding import train_state_shardings
 from tmoe_jax.training import checkpointing, reporting
 from tmoe_jax.training import seq2seq_steps as steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
@@ -84,8 +84,9 @@ def prepare_workdir(workdir: pathlib.Path, config) -> None:
   reporting.write_text_atomic(saved_path, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
-def build_model(config, vocab_size: int, seed: int) -> Transformer:
-  model_config = TransformerConfig.from_config(config.model, vocab_size=vocab_size)
+def build_model(config, vocab_size: int, seed: int, mesh=None) -> Transformer:
+  """The Transformer of `config.model`; with a multi-device `mesh` its MoE layers run expert-parallel."""
+  model_config = TransformerConfig.from_config(config.model, vocab_size=vocab_size, mesh=mesh)
   return Transformer(model_config, rngs=nnx.Rngs(params=seed))
 
 
@@ -126,43 +127,6 @@ def evaluate(
   }
 
 
-def all_finite(tree) -> jax.Array:
-  """bool scalar: every floating-point leaf of `tree` is finite (integer leaves cannot overflow)."""
-  flags = [
-    jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)
-  ]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
-
-
-def checked_train_step(state: TrainState, batch, **step_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
-  """`seq2seq_steps.train_step`, plus `metrics["is_finite"]`: loss, gradients and the whole new state are finite.
-
-  Computed inside the jitted step so the host reads one flag per step, and only when
-  something depends on it (a metrics row, an evaluation, a checkpoint); the check
-  covers the optimizer moments too, which can overflow while the parameters do not.
-  """
-  new_state, metrics = steps.train_step(state, batch, **step_kwargs)
-  metrics["is_finite"] = all_finite((metrics["loss"], metrics["aux_loss"], metrics["grad_norm"], new_state))
-  return new_state, metrics
-
-
-def jit_checked_train_step(graphdef, optimizer, schedule, loss_weights, *, state_shardings=None, mesh=None):
-  """`checked_train_step` jitted like `seq2seq_steps.jit_train_step`: state donated, optional shardings."""
-  step = functools.partial(
-    checked_train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule, loss_weights=loss_weights
-  )
-  if state_shardings is None:
-    return jax.jit(step, donate_argnums=0)
-  from tmoe_jax.parallel import sharding  # only multi-device runs need it
-
-  return jax.jit(
-    step,
-    donate_argnums=0,
-    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-    out_shardings=(state_shardings, sharding.replicated(mesh)),
-  )
-
-
 # What a step keeps for the host until its finiteness is checked: enough to say what went wrong.
 _DIVERGENCE_METRICS = ("is_finite", "loss", "aux_loss", "grad_norm")
 # Unchecked steps are checked anyway once this many pile up (a huge log_every, no checkpoints).
@@ -176,7 +140,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     raise ConfigError(f"data.tfds_data_dir: task {config.data.name!r} is generated in code; leave it empty")
   workdir = pathlib.Path(workdir)
   data: Seq2SeqData = load_seq2seq_data(config.data)
-  model = build_model(config, data.vocabulary.size, config.train.seed)
+  mesh = make_mesh(config.mesh.data, config.mesh.expert)
+  check_batch_divisible(config.train.batch_size, mesh)
+  model = build_model(config, data.vocabulary.size, config.train.seed, mesh=mesh)
   if max(data.max_source_length, data.max_target_length) > model.config.max_length:
     raise ConfigError(
       f"model.max_length: must be >= the longest sequence "
@@ -189,6 +155,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   optimizer = make_optimizer(train_config)
   schedule = make_schedule(train_config)
   graphdef, state = create_train_state(model, optimizer, train_config.seed)
+  state_shardings = train_state_shardings(state, mesh)
+  # Expert weights (and their Adam moments) live sharded on 'expert'; restoring into
+  # this abstract state reads each array straight into its sharding, whatever mesh saved it.
+  state = jax.device_put(state, state_shardings)
   num_params = count_params(state.params)
   # Closing waits for the saves in flight, also when training stops with an error.
   with checkpointing.make_manager(
@@ -203,7 +173,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     loss_weights = steps.LossWeights(
       train_config.label_smoothing, config.model.load_balancing_weight, config.model.router_z_weight
     )
-    train_step = jit_checked_train_step(graphdef, optimizer, schedule, loss_weights)
+    train_step = steps.jit_train_step(
+      graphdef, optimizer, schedule, loss_weights, state_shardings=state_shardings, mesh=mesh
+    )
     eval_fn = steps.jit_eval_step(graphdef)
     decode_fn = steps.jit_decode(
       graphdef,
