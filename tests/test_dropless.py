@@ -89,12 +89,12 @@ def _loss(y_TxD):
 def _assert_matches_references(fn, x, indices, gates, weights, *, rtol=2e-4, atol=2e-5, jit=True):
   """fn(x, gates, *weights) -> y: forward vs the loop reference, gradients vs the dense reference."""
   argnums = tuple(range(6))
-  # One compiled function for output and gradients: the block loop's compile dominates test time.
 
   def loss_and_output(*args):
     y = fn(*args)
     return _loss(y), y
 
+  # One compiled function for output and gradients: the block loop's compile dominates test time.
   value_and_grad = jax.value_and_grad(loss_and_output, argnums, has_aux=True)
   (_, y), grads = (jax.jit(value_and_grad) if jit else value_and_grad)(x, gates, *weights)
   expected = reference_moe(x, np.asarray(indices), gates, *weights)
@@ -195,8 +195,10 @@ class DroplessMoeTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(dgates)[~mask], 0.0)
 
   def test_default_block_sizes(self):
-    """The production block schedule (512-row blocks, 32-row tails) on a few hundred assignments."""
-    x, indices, gates, weights = _problem(seed=7, num_tokens=300, num_experts=4, d_model=4, d_ff=8)
+    """The production schedule (512-row blocks, 32-row tails): experts 1 and 2 get 600 rows each."""
+    x, indices, gates, weights = _problem(
+      seed=7, num_tokens=600, num_experts=4, d_model=4, d_ff=8, experts_used=[1, 2]
+    )
     _assert_matches_references(_moe_fn(indices, "block_loop", {}), x, indices, gates, weights)
 
   def test_auto_is_block_loop_on_cpu_and_bad_arguments_raise(self):

@@ -1,51 +1,61 @@
 """Dropless top-k MoE: every assignment is computed, no capacity, no dropped tokens.
 
 Shapes: T tokens, D model width, F expert hidden width, E experts, K choices per
-token, A = T*K assignments, P = A + block_size rows of a padded sorted buffer,
-S rows of one block.
+token, A = T*K assignments, P = A + block_size rows (the sorted rows plus room
+for one block past the end), S rows of one block, N rows of a gather source, M
+rows of a loop's output.
 
-The A (token, choice) assignments are stably sorted by expert, so each expert's
-rows are one contiguous group of the sorted buffer (`sort_by_expert`); each row
-then runs through its own expert's MLP (`grouped_mlp`), and every token sums its
-K outputs weighted by the gates (`dropless_moe`). The group sizes are data, the
-shapes are not: everything is jit-able, and differentiable in x, gates and all
-expert weights.
+The A (token, choice) assignments are stably sorted by expert, so each expert
+owns one contiguous group of sorted rows (`sort_by_expert`); each row runs
+through its own expert's MLP (`grouped_mlp`), and every token sums its K
+outputs weighted by the gates (`dropless_moe`). Group sizes are data, shapes
+are not: everything jits, and is differentiable in x, the gates and all weights.
 
-Two ways to run the grouped MLP:
+Methods, and which "auto" picks (`jax.default_backend()`):
 
-- "ragged_dot": `jax.lax.ragged_dot` for both matmuls, the grouped matmul that
-  XLA lowers to a real grouped kernel on GPU and TPU. XLA:CPU has no such kernel:
-  it computes every expert on every row and masks, E times the FLOPs (measured
-  on 16384 x 512 -> 1024 rows: 1.19 s at E=8 and 11.2 s at E=64, against 0.155 s
-  for one equal-FLOP dense matmul).
-- "block_loop": a `while` loop over experts and, inside, over blocks of that
-  expert's contiguous rows. Each block is a dense [S, D] x [D, F] matmul on
-  slices of the sorted buffer (no gathered per-block weights, no copies of the
-  activations), so the FLOPs are the assignments' own plus the padding of each
-  expert's last block to a multiple of `granule` rows (< granule rows per
-  expert; the pad rows are the next group's rows, whose results are discarded).
-  The trip counts are data-dependent, so no worst-case capacity is ever computed.
-  Full blocks have `block_size` rows; the one remainder block per expert has
-  the smallest multiple of `granule` that covers it, so an expert costs
-  floor(n / block_size) + 1 matmuls per layer, each big enough for XLA:CPU's
-  dot to run near peak (measured on this 2-core Sapphire Rapids: 128 GFLOP/s at
-  32 rows, 230 at 256, 290 at 512). Both MLP layers run in the same block, so the
-  [S, F] hidden activation stays in cache; forward stores only the pre-activation
-  for backward. Backward (a `custom_vjp`, since `while` loops with data-dependent
-  trip counts are not reverse-differentiable) runs the same loop and adds each
-  block's weight gradients straight into the expert's slice of the gradient.
+- "ragged_dot" (GPU, TPU): `jax.lax.ragged_dot` for both matmuls, the grouped
+  matmul XLA lowers to a grouped kernel there. XLA:CPU instead runs every expert
+  on every row and masks, E times the FLOPs: measured 1.19 s at E=8 and 11.2 s at
+  E=64 for 16384 rows x 512 -> 1024, against 0.155 s for one dense matmul of the
+  same FLOPs, and 8x / 74x the dense FFN for a layer's forward+backward.
+- "block_loop" (CPU): a `while` loop over experts and, inside, over blocks of
+  the expert's rows: floor(n / block_size) full blocks, then one tail block of
+  the smallest multiple of `granule` rows that covers the rest. Trip counts are
+  data, so the FLOPs are the assignments' own plus under `granule` rows per
+  expert (rows of the next group, whose results are dropped), never a
+  worst-case capacity. Each block runs both MLP layers as dense [S, D] x [D, F]
+  and [S, F] x [F, D] matmuls on the expert's weight slices (no per-block weight
+  copies), so the hidden activation stays in cache. The loop also gathers each
+  block's rows from x by token and adds each row's gated output to its token, so
+  no sorted [A, D] copy of inputs or outputs exists. Backward, a `custom_vjp`
+  (`while` loops with data-dependent trip counts are not reverse-differentiable),
+  runs the same loop: it gathers dy by token, gets each gate's cotangent
+  dy[token] . y_row from dy[token] W_out^T (computed anyway, so forward keeps no
+  outputs, only the pre-activation [P, F]) and scatter-adds dx by token.
 
-"auto" picks "ragged_dot" on GPU/TPU and "block_loop" on CPU
-(`jax.default_backend()`). Measured numbers for the whole layer (train step and
-forward+backward against a dense FFN of equal active FLOPs) are in
-`bench/moe_layer.py`'s output; the choices above were made from these kernel
-measurements (T=8192, K=2, D=512, F=1024, float32, 2 CPU cores, fwd+bwd of the
-grouped MLP alone relative to the dense FFN's):
+Why this schedule (measured here on 2 shared Sapphire Rapids cores, T=8192, K=2,
+D=512, F=1024, float32; layer forward+backward including the input gradient,
+relative to a dense FFN of width K*F, the same active FLOPs):
 
-  block schedule                       E=8     E=64
-  one size, 128 rows                   1.19x   1.58x
-  binary ladder 256/128/64/32          1.08x   1.51x
-  512-row blocks + one 32-granule tail   see the module-level bench
+- Blocks of >= 256 rows run XLA:CPU's dot at 230-290 GFLOP/s (two threads),
+  32-row blocks at 130: hence 512-row blocks, and one tail block per expert
+  rather than a ladder of halving blocks. With E=64 each expert has ~256 rows, so
+  a tail padded to a full 512-row block instead doubles the FLOPs (forward 0.59 s
+  vs 0.20 s).
+- Each tail size is its own 0- or 1-trip `fori_loop`. `lax.switch` over the 16
+  sizes copies the carried [P, D] and [P, F] buffers at every expert (forward
+  2.4 s at E=64); and a loop body that does not use its trip index is hoisted
+  out of the loop by XLA, which then runs all 16 tail sizes for every expert.
+- Gathering and scattering rows inside the loop, instead of materialising sorted
+  copies of x, y, dy and dx, took fwd+bwd from 1.47x to 1.28x dense (CPU time)
+  at E=64, 1.18x to 1.06x at E=8.
+- A group's first block stores its weight gradient, later blocks add to it.
+
+Result: fwd+bwd 1.05-1.15x the dense FFN at E=8 and 1.3-1.4x at E=64, on an
+idle or a loaded machine (`python -m bench.moe_layer` also times train steps).
+What is left at E=64 is mostly the size of the weight gradients: 2 x [64, 512,
+1024] float32 of fresh output take 76 ms just to write here (page faults on new
+memory in this VM), 17% of the dense FFN's whole forward+backward.
 """
 
 from __future__ import annotations
@@ -159,22 +169,18 @@ def _group_starts(group_sizes_E: jax.Array) -> jax.Array:
 
 
 def _block_loop_forward(
-  x_NxD,
-  source_P,
-  group_sizes_E,
-  w_in_ExDxF,
-  b_in_ExF,
-  w_out_ExFxD,
-  b_out_ExD,
-  activation,
-  block_size,
-  granule,
+  x_NxD, source_P, gate_P, group_sizes_E, weights, activation, block_size, granule, *, num_outputs=None
 ):
-  """Sorted row r is x_NxD[source_P[r]]; returns y_PxD (zero past the groups) and the pre-activation z_PxF.
+  """Sorted row r (input x_NxD[source_P[r]]) through its group's expert, block by block.
 
-  Rows are gathered block by block inside the loop, so the sorted input is
-  never materialised.
+  With `num_outputs` (the MoE layer), row r's output times gate_P[r] is added to
+  output row source_P[r] of the returned y_MxD, M = num_outputs: gather,
+  experts and the gate-weighted combine in one pass, with no sorted copy of the
+  inputs or outputs. Without it (`grouped_mlp`), y_MxD is the sorted outputs
+  themselves, M = P, zero past the groups; gate_P is unused. Also returns the
+  pre-activation z_PxF, kept for backward.
   """
+  w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD = weights
   num_rows = source_P.shape[0]
   d_model = x_NxD.shape[1]
   num_experts, _, d_ff = w_in_ExDxF.shape
@@ -186,94 +192,108 @@ def _block_loop_forward(
     w_out_FxD, b_out_D = w_out_ExFxD[e], b_out_ExD[e]
 
     def block(row, rows, valid, first, carry):
-      del valid, first  # rows past `valid` are the next group's: overwritten when that group runs
-      y_PxD, z_PxF = carry
-      x_SxD = jnp.take(x_NxD, lax.dynamic_slice_in_dim(source_P, row, rows), axis=0, mode="clip")
-      z_SxF = x_SxD @ w_in_DxF + b_in_F
-      y_SxD = activation(z_SxF) @ w_out_FxD + b_out_D
-      return (
-        lax.dynamic_update_slice_in_dim(y_PxD, y_SxD.astype(out_dtype), row, 0),
-        lax.dynamic_update_slice_in_dim(z_PxF, z_SxF.astype(z_PxF.dtype), row, 0),
-      )
+      del first
+      y_MxD, z_PxF = carry
+      source_S = lax.dynamic_slice_in_dim(source_P, row, rows)
+      z_SxF = jnp.take(x_NxD, source_S, axis=0, mode="clip") @ w_in_DxF + b_in_F
+      y_SxD = (activation(z_SxF) @ w_out_FxD + b_out_D).astype(out_dtype)
+      # Rows past `valid` belong to the next group (or to no group): their z is overwritten
+      # when that group runs, and they add nothing to the output (zero gate) ...
+      if num_outputs is not None:
+        gate_S = _own_rows(lax.dynamic_slice_in_dim(gate_P, row, rows), valid).astype(out_dtype)
+        y_MxD = y_MxD.at[source_S].add(gate_S[:, None] * y_SxD, mode="promise_in_bounds")
+      else:
+        # ... or, as sorted outputs, are overwritten too.
+        y_MxD = lax.dynamic_update_slice_in_dim(y_MxD, y_SxD, row, 0)
+      return y_MxD, lax.dynamic_update_slice_in_dim(z_PxF, z_SxF.astype(z_PxF.dtype), row, 0)
 
     return _for_each_block(starts_E[e], group_sizes_E[e], block_size, granule, block, carry)
 
   init = (
-    jnp.zeros((num_rows, d_model), out_dtype),
+    jnp.zeros((num_rows if num_outputs is None else num_outputs, d_model), out_dtype),
     jnp.zeros((num_rows, d_ff), jnp.result_type(x_NxD.dtype, w_in_ExDxF.dtype)),
   )
-  y_PxD, z_PxF = lax.fori_loop(0, num_experts, per_expert, init)
-  # The last group's tail block wrote up to block_size - 1 rows past the groups.
-  tail = jnp.zeros((block_size, d_model), out_dtype)
-  y_PxD = lax.dynamic_update_slice_in_dim(y_PxD, tail, jnp.sum(group_sizes_E), 0)
-  return y_PxD, z_PxF
+  y_MxD, z_PxF = lax.fori_loop(0, num_experts, per_expert, init)
+  if num_outputs is None:
+    # The last group's tail block wrote up to block_size - 1 rows past the groups.
+    tail = jnp.zeros((block_size, d_model), out_dtype)
+    y_MxD = lax.dynamic_update_slice_in_dim(y_MxD, tail, jnp.sum(group_sizes_E), 0)
+  return y_MxD, z_PxF
+
+
+def _own_rows(values_Sx___, valid):
+  """The rows past `valid` (other groups' rows in a tail block) set to 0."""
+  own = lax.broadcasted_iota(jnp.int32, (values_Sx___.shape[0],) + (1,) * (values_Sx___.ndim - 1), 0) < valid
+  return jnp.where(own, values_Sx___, 0)
 
 
 def _block_loop_backward(
-  x_NxD,
-  source_P,
-  scale_P,
-  z_PxF,
-  dy_NxD,
-  group_sizes_E,
-  w_in_ExDxF,
-  w_out_ExFxD,
-  activation,
-  block_size,
-  granule,
+  x_NxD, source_P, gate_P, z_PxF, dy_MxD, group_sizes_E, weights, activation, block_size, granule, *, combined
 ):
-  """Backward of `_block_loop_forward` where sorted row r's output cotangent is scale_P[r] * dy_NxD[source_P[r]].
+  """Backward of `_block_loop_forward` (`combined`: it was called with num_outputs).
 
-  Returns dx_NxD (each row's input cotangent added at its source) and the
-  cotangents of the four weight arrays (float32; the caller casts).
+  Returns dx_NxD (each row's input cotangent added at its source), the gate
+  cotangent of each sorted row (combined; else None), and the cotangents of the
+  four weight arrays (float32; the caller casts).
   """
+  w_in_ExDxF, _, w_out_ExFxD, b_out_ExD = weights
+  num_rows = source_P.shape[0]
   d_model = x_NxD.shape[1]
   num_experts, _, d_ff = w_in_ExDxF.shape
   starts_E = _group_starts(group_sizes_E)
   acc = jnp.float32
 
   def per_expert(e, carry):
-    w_in_DxF, w_out_FxD = w_in_ExDxF[e], w_out_ExFxD[e]
+    w_in_DxF, w_out_FxD, b_out_D = w_in_ExDxF[e], w_out_ExFxD[e], b_out_ExD[e]
 
     def block(row, rows, valid, first, carry):
-      dx_NxD, dw_in, db_in, dw_out, db_out = carry
+      dx_NxD, dgate_P, dw_in, db_in, dw_out, db_out = carry
       # A group's first block stores its gradient instead of adding it: one fewer pass over
       # [D, F] per expert, most of the weight-gradient traffic when experts get one block each.
       accumulate = functools.partial(_store_at if first else _add_at, e=e)
       source_S = lax.dynamic_slice_in_dim(source_P, row, rows)
-      # Zeroing the other groups' output cotangents zeroes every contribution of their rows.
-      scale_Sx1 = jnp.where(
-        lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < valid,
-        lax.dynamic_slice_in_dim(scale_P, row, rows)[:, None],
-        0,
-      )
-      dy_SxD = scale_Sx1.astype(dy_NxD.dtype) * jnp.take(dy_NxD, source_S, axis=0, mode="clip")
-      x_SxD = jnp.take(x_NxD, source_S, axis=0, mode="clip")
       hidden_SxF, activation_vjp = jax.vjp(activation, lax.dynamic_slice_in_dim(z_PxF, row, rows))
-      dhidden_SxF = jnp.einsum("sd,fd->sf", dy_SxD, w_out_FxD)
+      if combined:
+        # A row's output cotangent is gate * dy[token]. The gate's own cotangent dy[token] . y_row
+        # follows from dy[token] W_out^T, computed anyway: y rows need not be kept from forward.
+        dy_token_SxD = jnp.take(dy_MxD, source_S, axis=0, mode="clip")
+        dhidden_token_SxF = jnp.einsum("sd,fd->sf", dy_token_SxD, w_out_FxD)
+        dgate_S = jnp.sum(dhidden_token_SxF * hidden_SxF, axis=-1) + dy_token_SxD @ b_out_D
+        # Rows past `valid` are rewritten when their own group runs (or lie past the groups).
+        dgate_P = lax.dynamic_update_slice_in_dim(dgate_P, dgate_S.astype(dgate_P.dtype), row, 0)
+        # Zero gates on the other groups' rows zero every contribution of those rows.
+        gate_Sx1 = _own_rows(lax.dynamic_slice_in_dim(gate_P, row, rows), valid)[:, None]
+        dy_SxD = gate_Sx1.astype(dy_MxD.dtype) * dy_token_SxD
+        dhidden_SxF = gate_Sx1.astype(dhidden_token_SxF.dtype) * dhidden_token_SxF
+      else:
+        dy_SxD = _own_rows(lax.dynamic_slice_in_dim(dy_MxD, row, rows), valid)
+        dhidden_SxF = jnp.einsum("sd,fd->sf", dy_SxD, w_out_FxD)
       (dz_SxF,) = activation_vjp(dhidden_SxF.astype(hidden_SxF.dtype))
       dx_SxD = jnp.einsum("sf,df->sd", dz_SxF, w_in_DxF)
       # The other groups' rows add 0 to their sources.
       dx_NxD = dx_NxD.at[source_S].add(dx_SxD.astype(dx_NxD.dtype), mode="promise_in_bounds")
+      x_SxD = jnp.take(x_NxD, source_S, axis=0, mode="clip")
       dw_out = accumulate(
         dw_out, part=jnp.einsum("sf,sd->fd", hidden_SxF, dy_SxD, preferred_element_type=acc)
       )
       db_out = accumulate(db_out, part=jnp.sum(dy_SxD, axis=0, dtype=acc))
       dw_in = accumulate(dw_in, part=jnp.einsum("sd,sf->df", x_SxD, dz_SxF, preferred_element_type=acc))
       db_in = accumulate(db_in, part=jnp.sum(dz_SxF, axis=0, dtype=acc))
-      return dx_NxD, dw_in, db_in, dw_out, db_out
+      return dx_NxD, dgate_P, dw_in, db_in, dw_out, db_out
 
     return _for_each_block(starts_E[e], group_sizes_E[e], block_size, granule, block, carry, mark_first=True)
 
   # Zeros stay only in the gradients of experts that got no rows.
   init = (
     jnp.zeros(x_NxD.shape, x_NxD.dtype),
+    jnp.zeros((num_rows,) if combined else (0,), jnp.float32 if gate_P is None else gate_P.dtype),
     jnp.zeros((num_experts, d_model, d_ff), acc),
     jnp.zeros((num_experts, d_ff), acc),
     jnp.zeros((num_experts, d_ff, d_model), acc),
     jnp.zeros((num_experts, d_model), acc),
   )
-  return lax.fori_loop(0, num_experts, per_expert, init)
+  dx_NxD, dgate_P, *weight_cotangents = lax.fori_loop(0, num_experts, per_expert, init)
+  return dx_NxD, (dgate_P if combined else None), weight_cotangents
 
 
 def _add_at(total_ExN, *, e, part):
@@ -292,119 +312,103 @@ def _weight_cotangents(weights, cotangents):
   return tuple(c.astype(w.dtype) for w, c in zip(weights, cotangents))
 
 
-# grouped_mlp: sorted rows in, sorted rows out.
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _block_loop_grouped(
-  x_AxD, group_sizes_E, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, activation, block_size, granule
-):
-  return _block_loop_grouped_fwd(
-    x_AxD, group_sizes_E, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, activation, block_size, granule
-  )[0]
-
-
 def _padded_rows(num_rows: int, block_size: int) -> jax.Array:
   # Room for a block that starts at the last row (dynamic_slice would shift it back); the pad
   # rows read row 0, and their results are discarded.
   return jnp.pad(lax.iota(jnp.int32, num_rows), (0, block_size))
 
 
-def _block_loop_grouped_fwd(
-  x_AxD, group_sizes_E, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, activation, block_size, granule
-):
+# grouped_mlp: sorted rows in, sorted rows out.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _block_loop_grouped(x_AxD, group_sizes_E, weights, activation, block_size, granule):
+  return _block_loop_grouped_fwd(x_AxD, group_sizes_E, weights, activation, block_size, granule)[0]
+
+
+def _block_loop_grouped_fwd(x_AxD, group_sizes_E, weights, activation, block_size, granule):
   num_rows = x_AxD.shape[0]
-  weights = (w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD)
+  source_P = _padded_rows(num_rows, block_size)
   y_PxD, z_PxF = _block_loop_forward(
-    x_AxD, _padded_rows(num_rows, block_size), group_sizes_E, *weights, activation, block_size, granule
+    x_AxD, source_P, None, group_sizes_E, weights, activation, block_size, granule
   )
   return y_PxD[:num_rows], (x_AxD, z_PxF, group_sizes_E, weights)
 
 
 def _block_loop_grouped_bwd(activation, block_size, granule, residuals, dy_AxD):
   x_AxD, z_PxF, group_sizes_E, weights = residuals
-  source_P = _padded_rows(x_AxD.shape[0], block_size)
-  dx_AxD, *cotangents = _block_loop_backward(
+  num_rows = x_AxD.shape[0]
+  dy_PxD = jnp.pad(dy_AxD, ((0, block_size), (0, 0)))
+  dx_AxD, _, cotangents = _block_loop_backward(
     x_AxD,
-    source_P,
-    jnp.ones(source_P.shape, dy_AxD.dtype),
+    _padded_rows(num_rows, block_size),
+    None,
     z_PxF,
-    dy_AxD,
+    dy_PxD,
     group_sizes_E,
-    weights[0],
-    weights[2],
+    weights,
     activation,
     block_size,
     granule,
+    combined=False,
   )
-  return (dx_AxD, None, *_weight_cotangents(weights, cotangents))
+  return dx_AxD, None, _weight_cotangents(weights, cotangents)
 
 
 _block_loop_grouped.defvjp(_block_loop_grouped_fwd, _block_loop_grouped_bwd)
 
 
-# dropless_moe: tokens in, gate-weighted sums out. One custom_vjp over gather, experts and
-# combine, so that backward reads dy per token and adds dx per token inside the loop: no
-# [A, D] copy of the inputs, output cotangents or input cotangents is ever made.
+# dropless_moe: tokens in, gate-weighted sums out, one custom_vjp for gather, experts and
+# combine, so that forward adds each row's output to its token and backward reads dy per
+# token and adds dx per token inside the loop.
 
 
-def _combine(y_PxD, rank_TxK, weights_TxK):
-  # A sum over k (not an einsum) lets XLA fuse the row gathers instead of building [T, K, D].
-  return sum(
-    weights_TxK[:, k, None].astype(y_PxD.dtype) * jnp.take(y_PxD, rank_TxK[:, k], axis=0, mode="clip")
-    for k in range(rank_TxK.shape[1])
-  )
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _block_loop_moe(x_TxD, weights_TxK, weights, sorted_, activation, block_size, granule):
+  return _block_loop_moe_fwd(x_TxD, weights_TxK, weights, sorted_, activation, block_size, granule)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _block_loop_moe(
-  x_TxD, weights_TxK, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, sorted_, activation, block_size, granule
-):
-  return _block_loop_moe_fwd(
-    x_TxD, weights_TxK, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, sorted_, activation, block_size, granule
-  )[0]
+def _sorted_gates(weights_TxK, sorted_, block_size):
+  return jnp.pad(weights_TxK.reshape(-1)[sorted_.order_A], (0, block_size))
 
 
-def _block_loop_moe_fwd(
-  x_TxD, weights_TxK, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, sorted_, activation, block_size, granule
-):
-  weights = (w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD)
-  # Pad rows read token 0; their results are discarded.
+def _block_loop_moe_fwd(x_TxD, weights_TxK, weights, sorted_, activation, block_size, granule):
+  # Pad rows read token 0 with gate 0.
   token_P = jnp.pad(sorted_.token_A, (0, block_size))
-  y_PxD, z_PxF = _block_loop_forward(
-    x_TxD, token_P, sorted_.group_sizes_E, *weights, activation, block_size, granule
-  )
-  y_TxD = _combine(y_PxD, sorted_.rank_TxK, weights_TxK)
-  return y_TxD, (x_TxD, weights_TxK, weights, sorted_, y_PxD, z_PxF)
-
-
-def _block_loop_moe_bwd(activation, block_size, granule, residuals, dy_TxD):
-  x_TxD, weights_TxK, weights, sorted_, y_PxD, z_PxF = residuals
-  top_k = weights_TxK.shape[1]
-  dweights_TxK = jnp.stack(
-    [
-      jnp.sum(dy_TxD * jnp.take(y_PxD, sorted_.rank_TxK[:, k], axis=0, mode="clip"), axis=-1)
-      for k in range(top_k)
-    ],
-    axis=1,
-  ).astype(weights_TxK.dtype)
-  token_P = jnp.pad(sorted_.token_A, (0, block_size))
-  # Each sorted row's output cotangent is its gate times its token's dy.
-  scale_P = jnp.pad(weights_TxK.reshape(-1)[sorted_.order_A], (0, block_size))
-  dx_TxD, *cotangents = _block_loop_backward(
+  y_TxD, z_PxF = _block_loop_forward(
     x_TxD,
     token_P,
-    scale_P,
-    z_PxF,
-    dy_TxD,
+    _sorted_gates(weights_TxK, sorted_, block_size),
     sorted_.group_sizes_E,
-    weights[0],
-    weights[2],
+    weights,
     activation,
     block_size,
     granule,
+    num_outputs=x_TxD.shape[0],
   )
-  return (dx_TxD, dweights_TxK, *_weight_cotangents(weights, cotangents), None)
+  return y_TxD, (x_TxD, weights_TxK, weights, sorted_, z_PxF)
+
+
+def _block_loop_moe_bwd(activation, block_size, granule, residuals, dy_TxD):
+  x_TxD, weights_TxK, weights, sorted_, z_PxF = residuals
+  token_P = jnp.pad(sorted_.token_A, (0, block_size))
+  dx_TxD, dgate_P, cotangents = _block_loop_backward(
+    x_TxD,
+    token_P,
+    _sorted_gates(weights_TxK, sorted_, block_size),
+    z_PxF,
+    dy_TxD,
+    sorted_.group_sizes_E,
+    weights,
+    activation,
+    block_size,
+    granule,
+    combined=True,
+  )
+  # Masked tokens' assignments sit past the groups, where dgate_P is not written (or is a tail
+  # block's leftover): their weights are a constant 0 upstream, so only unmasked ones matter.
+  dweights_TxK = jnp.take(dgate_P, sorted_.rank_TxK, axis=0, mode="clip").astype(weights_TxK.dtype)
+  return dx_TxD, dweights_TxK, _weight_cotangents(weights, cotangents), None
 
 
 _block_loop_moe.defvjp(_block_loop_moe_fwd, _block_loop_moe_bwd)
@@ -412,6 +416,14 @@ _block_loop_moe.defvjp(_block_loop_moe_fwd, _block_loop_moe_bwd)
 
 # ---------------------------------------------------------------------------
 # ragged_dot (GPU/TPU).
+
+
+def _combine(y_AxD, rank_TxK, weights_TxK):
+  # A sum over k (not an einsum) lets XLA fuse the row gathers instead of building [T, K, D].
+  return sum(
+    weights_TxK[:, k, None].astype(y_AxD.dtype) * jnp.take(y_AxD, rank_TxK[:, k], axis=0, mode="clip")
+    for k in range(rank_TxK.shape[1])
+  )
 
 
 def _ragged_dot_mlp(x_AxD, group_sizes_E, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, activation):
@@ -431,7 +443,7 @@ def _ragged_dot_mlp(x_AxD, group_sizes_E, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_o
 
 
 def resolve_method(method: str) -> str:
-  """ "auto" -> "ragged_dot" on GPU/TPU (a real grouped matmul), "block_loop" on CPU."""
+  """Checks a method name and maps "auto" to "ragged_dot" on GPU/TPU, "block_loop" on CPU."""
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if method != "auto":
@@ -474,9 +486,8 @@ def grouped_mlp(
       x_sorted_AxD, group_sizes_E, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, activation
     )
   _check_block(block_size, granule)
-  return _block_loop_grouped(
-    x_sorted_AxD, group_sizes_E, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, activation, block_size, granule
-  )
+  weights = (w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD)
+  return _block_loop_grouped(x_sorted_AxD, group_sizes_E, weights, activation, block_size, granule)
 
 
 def dropless_moe(
@@ -513,6 +524,5 @@ def dropless_moe(
     )
     return _combine(y_sorted_AxD, sorted_.rank_TxK, weights_TxK)
   _check_block(block_size, granule)
-  return _block_loop_moe(
-    x_TxD, weights_TxK, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, sorted_, activation, block_size, granule
-  )
+  weights = (w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD)
+  return _block_loop_moe(x_TxD, weights_TxK, weights, sorted_, activation, block_size, granule)
