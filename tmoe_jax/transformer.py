@@ -19,8 +19,9 @@ from tmoe_jax.attention import KeyValueCache, MultiHeadAttention, causal_mask, p
 from tmoe_jax.config import TransformerConfig
 from tmoe_jax.embeddings import PositionEmbedding
 from tmoe_jax.feedforward import FeedForward
-from tmoe_jax.moe.layer import MoEAux, MoEFeedForward
+from tmoe_jax.moe.layer import MoEFeedForward
 from tmoe_jax.moe.smoe import SingleMixtureOfExperts
+from tmoe_jax.moe.statistics import MoEAux
 
 # FeedForwardBlock ids: encoder layer i is i, decoder layer i is DECODER_LAYER_ID_OFFSET + i.
 DECODER_LAYER_ID_OFFSET = 1000

@@ -2,7 +2,7 @@
 
 from tmoe_jax.moe.dispatch import DispatchSlots, assign_slots, combine_outputs, dispatch_tokens
 from tmoe_jax.moe.experts import MlpExperts
-from tmoe_jax.moe.layer import MoEAux, MoEFeedForward
+from tmoe_jax.moe.layer import MoEFeedForward
 from tmoe_jax.moe.losses import (
   expert_assignment_fraction,
   load_balancing_loss,
@@ -11,6 +11,7 @@ from tmoe_jax.moe.losses import (
   router_z_loss,
 )
 from tmoe_jax.moe.routing import RouteOutput, top_k_route
+from tmoe_jax.moe.statistics import MoEAux
 
 __all__ = [
   "DispatchSlots",

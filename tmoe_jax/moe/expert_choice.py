@@ -10,7 +10,6 @@ in: a softmax over bfloat16 logits makes near-ties between experts arbitrary.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import struct

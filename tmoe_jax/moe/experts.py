@@ -5,11 +5,34 @@ Shapes: E experts, C tokens per expert, D model width, F hidden width.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from tmoe_jax.feedforward import ACTIVATIONS
+
+
+def mlp_experts(
+  weights: Sequence[jax.Array], x_ExCxD: jax.Array, *, activation: Callable, dtype
+) -> jax.Array:
+  """`MlpExperts.__call__`: weights (w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD); [E, C, D] -> [E, C, D]."""
+  w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD = (w.astype(dtype) for w in weights)
+  x_ExCxD = x_ExCxD.astype(dtype)
+  hidden_ExCxF = activation(jnp.einsum("ecd,edf->ecf", x_ExCxD, w_in_ExDxF) + b_in_ExF[:, None])
+  return jnp.einsum("ecf,efd->ecd", hidden_ExCxF, w_out_ExFxD) + b_out_ExD[:, None]
+
+
+def gated_experts(
+  weights: Sequence[jax.Array], x_ExCxD: jax.Array, *, activation: Callable, dtype
+) -> jax.Array:
+  """`GatedMlpExperts.__call__`: weights (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD); [E, C, D] -> [E, C, D]."""
+  w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD = (w.astype(dtype) for w in weights)
+  x_ExCxD = x_ExCxD.astype(dtype)
+  gate_ExCxF = activation(jnp.einsum("ecd,edf->ecf", x_ExCxD, w_gate_ExDxF))
+  up_ExCxF = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_up_ExDxF)
+  return jnp.einsum("ecf,efd->ecd", gate_ExCxF * up_ExCxF, w_down_ExFxD)
 
 
 def expert_kernel_init():
@@ -41,11 +64,8 @@ class MlpExperts(nnx.Module):
     self.b_out_ExD = nnx.Param(jnp.zeros((num_experts, d_model)))
 
   def __call__(self, x_ExCxD: jax.Array) -> jax.Array:
-    cast = lambda p: p[...].astype(self.dtype)
-    x_ExCxD = x_ExCxD.astype(self.dtype)
-    hidden_ExCxF = jnp.einsum("ecd,edf->ecf", x_ExCxD, cast(self.w_in_ExDxF)) + cast(self.b_in_ExF)[:, None]
-    hidden_ExCxF = self.activation(hidden_ExCxF)
-    return jnp.einsum("ecf,efd->ecd", hidden_ExCxF, cast(self.w_out_ExFxD)) + cast(self.b_out_ExD)[:, None]
+    weights = (self.w_in_ExDxF[...], self.b_in_ExF[...], self.w_out_ExFxD[...], self.b_out_ExD[...])
+    return mlp_experts(weights, x_ExCxD, activation=self.activation, dtype=self.dtype)
 
 
 class GatedMlpExperts(nnx.Module):
@@ -72,12 +92,11 @@ class GatedMlpExperts(nnx.Module):
     self.w_down_ExFxD = nnx.Param(init(rngs.params(), (num_experts, d_ff, d_model)))
 
   def __call__(self, x_ExCxD: jax.Array) -> jax.Array:
-    cast = lambda p: p[...].astype(self.dtype)
-    x_ExCxD = x_ExCxD.astype(self.dtype)
-    gate_ExCxF = self.activation(jnp.einsum("ecd,edf->ecf", x_ExCxD, cast(self.w_gate_ExDxF)))
-    up_ExCxF = jnp.einsum("ecd,edf->ecf", x_ExCxD, cast(self.w_up_ExDxF))
-    return jnp.einsum("ecf,efd->ecd", gate_ExCxF * up_ExCxF, cast(self.w_down_ExFxD))
+    weights = (self.w_gate_ExDxF[...], self.w_up_ExDxF[...], self.w_down_ExFxD[...])
+    return gated_experts(weights, x_ExCxD, activation=self.activation, dtype=self.dtype)
 
 
+# config.expert_type -> the pure expert function, and the module holding its stacked weights.
+EXPERT_FUNCTIONS: dict[str, Callable] = {"mlp": mlp_experts, "gated": gated_experts}
 # config.expert_type -> expert stack class; both map [E, C, D] -> [E, C, D].
 EXPERT_TYPES = {"mlp": MlpExperts, "gated": GatedMlpExperts}

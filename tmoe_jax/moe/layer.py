@@ -9,35 +9,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from tmoe_jax.config import MoEConfig
+from tmoe_jax.feedforward import FeedForward
 from tmoe_jax.moe import dispatch as dispatch_lib
 from tmoe_jax.moe import losses
-from tmoe_jax.feedforward import FeedForward
-from tmoe_jax.moe.expert_choice import expert_choice_combine, expert_choice_dispatch, expert_choice_route
 from tmoe_jax.moe.dropless import dropless_moe
+from tmoe_jax.moe.expert_choice import expert_choice_combine, expert_choice_dispatch, expert_choice_route
 from tmoe_jax.moe.experts import EXPERT_TYPES
 from tmoe_jax.moe.routing import assign_slots_prioritized, top_k_route, update_expert_bias
+from tmoe_jax.moe.statistics import MoEAux
 from tmoe_jax.parallel import expert_parallel
 from tmoe_jax.parallel.mesh import num_token_shards
-
-
-@struct.dataclass
-class MoEAux:
-  """What one MoE layer reports besides its output.
-
-  load_balancing_loss, router_z_loss: scalars to add (weighted) to the task loss.
-  expert_fraction_E: share of routing assignments per expert (before dropping).
-  dropped_fraction: share of assignments that found their expert full.
-  router_entropy: mean entropy of the router softmax, in nats.
-  """
-
-  load_balancing_loss: jax.Array
-  router_z_loss: jax.Array
-  expert_fraction_E: jax.Array
-  dropped_fraction: jax.Array
-  router_entropy: jax.Array
 
 
 class ExpertBias(nnx.Variable):
@@ -211,7 +195,7 @@ class MoEFeedForward(nnx.Module):
       expert_bias_E=self.expert_bias[...] if config.expert_bias_rate else None,
       batch_prioritized=config.batch_prioritized,
     )
-    return y_TxD, MoEAux(**stats.to_dict())
+    return y_TxD, stats
 
   def _expert_choice(self, x_TxD, router_logits_TxE, capacity, token_mask_T):
     num_tokens = x_TxD.shape[0]

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tmoe_jax.moe import losses
-from tmoe_jax.moe.layer import MoEAux
 from tmoe_jax.moe.routing import check_top_k, top_k_route
 from tmoe_jax.moe.sequence_experts import SEQUENCE_EXPERT_TYPES, masked_sequence_mean
+from tmoe_jax.moe.statistics import MoEAux
 
 
 def gates_from_route(expert_indices_BxK: jax.Array, gates_BxK: jax.Array, num_experts: int) -> jax.Array:

@@ -26,8 +26,8 @@ from flax import nnx
 
 from tmoe_jax.feedforward import ACTIVATIONS
 from tmoe_jax.moe import losses
-from tmoe_jax.moe.layer import MoEAux
 from tmoe_jax.moe.routing import top_k_route
+from tmoe_jax.moe.statistics import MoEAux
 
 
 class DropoutMasks(nnx.Variable):

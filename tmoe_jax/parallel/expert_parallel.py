@@ -49,65 +49,20 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from tmoe_jax.feedforward import ACTIVATIONS
 from tmoe_jax.moe.dispatch import assign_slots, combine_outputs, dispatch_tokens
+from tmoe_jax.moe.experts import EXPERT_FUNCTIONS
 from tmoe_jax.moe.routing import assign_slots_prioritized, check_top_k, top_k_route
+from tmoe_jax.moe.statistics import MoEAux
 from tmoe_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS, check_experts_divisible, num_token_shards
 from tmoe_jax.parallel.sharding import EXPERT_PARAMS_BY_TYPE
-
-
-@struct.dataclass
-class RoutingStats:
-  """Global routing statistics of one layer (the fields of `tmoe_jax.moe.layer.MoEAux`).
-
-  load_balancing_loss, router_z_loss: scalars to add (weighted) to the task loss.
-  expert_fraction_E: share of routing assignments per expert (before dropping).
-  dropped_fraction: share of assignments that found their expert full.
-  router_entropy: mean entropy of the router softmax, in nats.
-  """
-
-  load_balancing_loss: jax.Array
-  router_z_loss: jax.Array
-  expert_fraction_E: jax.Array
-  dropped_fraction: jax.Array
-  router_entropy: jax.Array
-
-  def to_dict(self) -> dict[str, jax.Array]:
-    # Not dataclasses.asdict: that deep-copies, which tracers do not support.
-    return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-
 
 # ---------------------------------------------------------------------------
 # The expert MLPs as pure functions of their stacked weights (the math of
 # `tmoe_jax.moe.experts`), so they can run on a device's slice of the experts.
-
-
-def mlp_experts(
-  weights: Sequence[jax.Array], x_ExCxD: jax.Array, *, activation: Callable, dtype
-) -> jax.Array:
-  """`MlpExperts.__call__`: weights (w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD); [E, C, D] -> [E, C, D]."""
-  w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD = (w.astype(dtype) for w in weights)
-  x_ExCxD = x_ExCxD.astype(dtype)
-  hidden_ExCxF = activation(jnp.einsum("ecd,edf->ecf", x_ExCxD, w_in_ExDxF) + b_in_ExF[:, None])
-  return jnp.einsum("ecf,efd->ecd", hidden_ExCxF, w_out_ExFxD) + b_out_ExD[:, None]
-
-
-def gated_experts(
-  weights: Sequence[jax.Array], x_ExCxD: jax.Array, *, activation: Callable, dtype
-) -> jax.Array:
-  """`GatedMlpExperts.__call__`: weights (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD); [E, C, D] -> [E, C, D]."""
-  w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD = (w.astype(dtype) for w in weights)
-  x_ExCxD = x_ExCxD.astype(dtype)
-  gate_ExCxF = activation(jnp.einsum("ecd,edf->ecf", x_ExCxD, w_gate_ExDxF))
-  up_ExCxF = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_up_ExDxF)
-  return jnp.einsum("ecf,efd->ecd", gate_ExCxF * up_ExCxF, w_down_ExFxD)
-
-
-EXPERT_FUNCTIONS: dict[str, Callable] = {"mlp": mlp_experts, "gated": gated_experts}
 
 
 def expert_weights_of(experts, expert_type: str = "mlp") -> tuple[jax.Array, ...]:
@@ -211,7 +166,7 @@ def _exchange_and_run(
   return back_XxExCxD.reshape(num_experts, capacity, -1)
 
 
-def _global_stats(route, slots, token_mask_T: jax.Array, num_experts: int, top_k: int) -> RoutingStats:
+def _global_stats(route, slots, token_mask_T: jax.Array, num_experts: int, top_k: int) -> MoEAux:
   """Sums and counts on this shard, psum'd over every device, then divided: global statistics."""
   weight_T = token_mask_T.astype(jnp.float32)
   probs_TxE = route.router_probs_TxE
@@ -235,7 +190,7 @@ def _global_stats(route, slots, token_mask_T: jax.Array, num_experts: int, top_k
   assignments = jnp.maximum(sums["tokens"] * top_k, 1.0)
   fraction_E = sums["counts_E"] / assignments
   probability_E = sums["probs_E"] / tokens
-  return RoutingStats(
+  return MoEAux(
     load_balancing_loss=num_experts * jnp.sum(fraction_E * probability_E),
     router_z_loss=sums["z_squared"] / tokens,
     expert_fraction_E=fraction_E,
@@ -262,7 +217,7 @@ def expert_parallel_moe(
   jitter_eps: float = 0.0,
   expert_bias_E: jax.Array | None = None,
   batch_prioritized: bool = False,
-) -> tuple[jax.Array, RoutingStats]:
+) -> tuple[jax.Array, MoEAux]:
   """Top-k MoE layer with tokens split over ('data', 'expert') and experts over 'expert'.
 
   Args:
@@ -287,7 +242,7 @@ def expert_parallel_moe(
 
   Returns:
     y_TxD: [T, D] in `dtype`, split like x_TxD; dropped assignments contribute 0.
-    stats: global `RoutingStats` (replicated scalars / [E]).
+    stats: global `MoEAux` (replicated scalars / [E]).
   """
   num_tokens, _ = x_TxD.shape
   num_experts = router_kernel_DxE.shape[-1]
@@ -359,7 +314,7 @@ def expert_parallel_moe(
     y_TxD = combine_outputs(y_ExCxD, slots, route.gates_TxK)
     return y_TxD, _global_stats(route, slots, mask_T, num_experts, top_k)
 
-  stats_specs = RoutingStats(
+  stats_specs = MoEAux(
     load_balancing_loss=P(),
     router_z_loss=P(),
     expert_fraction_E=P(),

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from tmoe_jax import decoding
-from tmoe_jax.moe.layer import MoEAux
+from tmoe_jax.moe.statistics import MoEAux
 from tmoe_jax.parallel import sharding
 from tmoe_jax.training.state import TrainState
 from tmoe_jax.transformer import PAD_ID
