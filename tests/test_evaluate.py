@@ -166,14 +166,9 @@ def test_evaluate_a_workdir_without_checkpoints_or_missing_exits_2(trained, tmp_
   )
 
 
-def test_evaluate_cli_on_a_workdir_of_another_model_shape_exits_2_without_traceback(trained, tmp_path):
-  """config.json edited to another d_model: the checkpoint's shapes disagree, named, exit 2."""
-  workdir = tmp_path / "run"
-  shutil.copytree(trained[0], workdir)
-  config = json.loads((workdir / "config.json").read_text())
-  config["model"]["d_model"] = 16
-  (workdir / "config.json").write_text(json.dumps(config))
-  result = subprocess.run(
+def run_evaluate_cli(workdir):
+  """`python -m train.evaluate --workdir DIR` as a user runs it, output captured."""
+  return subprocess.run(
     [sys.executable, "-m", "train.evaluate", "--workdir", str(workdir)],
     cwd=REPO,
     check=False,
@@ -182,6 +177,16 @@ def test_evaluate_cli_on_a_workdir_of_another_model_shape_exits_2_without_traceb
     timeout=240,
     env=subprocess_env(),
   )
+
+
+def test_evaluate_cli_on_a_workdir_of_another_model_shape_exits_2_without_traceback(trained, tmp_path):
+  """config.json edited to another d_model: the checkpoint's shapes disagree, named, exit 2."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained[0], workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  config["model"]["d_model"] = 16
+  (workdir / "config.json").write_text(json.dumps(config))
+  result = run_evaluate_cli(workdir)
   assert result.returncode == 2, result.stderr
   assert "checkpoint does not match the current model config" in result.stderr
   assert "saved (32,) float32, now (16,) float32" in result.stderr
@@ -197,15 +202,7 @@ def test_evaluate_cli_falls_back_past_a_damaged_newest_checkpoint_quietly(traine
   assert data_files
   for path in data_files:
     path.write_bytes(bytes(path.stat().st_size))
-  result = subprocess.run(
-    [sys.executable, "-m", "train.evaluate", "--workdir", str(workdir)],
-    cwd=REPO,
-    check=False,
-    capture_output=True,
-    text=True,
-    timeout=240,
-    env=subprocess_env(),
-  )
+  result = run_evaluate_cli(workdir)
   assert result.returncode == 0, result.stderr
   assert f"warning: {(workdir / 'checkpoints').absolute()}/4: cannot read the checkpoint" in result.stderr
   assert "falling back to step 2" in result.stderr

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -130,10 +129,6 @@ def eval_step(
   return {"loss_sum": loss_sum, "correct_tokens": correct, "num_tokens": num_tokens}
 
 
-def decode_step_fn(model) -> Callable:
-  return lambda tokens_B, cache, step: model.decode_step(tokens_B, cache, step)
-
-
 def decode_batch(
   params: nnx.State,
   model_state: nnx.State,
@@ -150,27 +145,13 @@ def decode_batch(
   model = nnx.merge(graphdef, params, model_state)
   encoded_BxSxD, _ = model.encode(source_BxS)
   cache = model.init_decode_cache(encoded_BxSxD, source_BxS, max_length)
-  batch_size = source_BxS.shape[0]
+  common = dict(
+    batch_size=source_BxS.shape[0], max_length=max_length, bos_id=bos_id, eos_id=eos_id, pad_id=PAD_ID
+  )
   if beam_size == 1:
-    return decoding.greedy_decode(
-      decode_step_fn(model),
-      cache,
-      batch_size=batch_size,
-      max_length=max_length,
-      bos_id=bos_id,
-      eos_id=eos_id,
-      pad_id=PAD_ID,
-    )
+    return decoding.greedy_decode(model.decode_step, cache, **common)
   sequences, _ = decoding.beam_search(
-    decode_step_fn(model),
-    cache,
-    batch_size=batch_size,
-    beam_size=beam_size,
-    max_length=max_length,
-    bos_id=bos_id,
-    eos_id=eos_id,
-    pad_id=PAD_ID,
-    length_penalty=length_penalty,
+    model.decode_step, cache, beam_size=beam_size, length_penalty=length_penalty, **common
   )
   return sequences[:, 0]
 
