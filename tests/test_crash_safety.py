@@ -17,7 +17,7 @@ from test_training import tiny_config
 
 from tmoe_jax import loading
 from tmoe_jax.errors import TmoeError, WorkdirError
-from tmoe_jax.training import checkpointing, reporting, seq2seq_trainer
+from tmoe_jax.training import checkpointing, loop, reporting, runner
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
@@ -126,7 +126,7 @@ def two_checkpoint_config():
 def pristine(tmp_path_factory):
   """A finished 4-step run with checkpoints at steps 2 and 4."""
   workdir = tmp_path_factory.mktemp("pristine") / "run"
-  seq2seq_trainer.train_and_evaluate(two_checkpoint_config(), workdir)
+  runner.train(two_checkpoint_config(), workdir)
   assert checkpoint_steps(workdir) == [2, 4]
   return workdir
 
@@ -151,7 +151,7 @@ def test_a_damaged_newest_checkpoint_warns_and_training_resumes_from_the_previou
   checkpoints = (workdir / "checkpoints").absolute()
   damage(checkpoints / "4")
 
-  seq2seq_trainer.train_and_evaluate(two_checkpoint_config(), workdir)
+  runner.train(two_checkpoint_config(), workdir)
 
   captured = capsys.readouterr()
   assert f"warning: {checkpoints}/4: cannot read the checkpoint" in captured.err
@@ -171,7 +171,7 @@ def test_when_no_checkpoint_can_be_read_training_stops_instead_of_starting_over(
   for step in (2, 4):
     delete_the_largest_file(checkpoints / str(step))
   with pytest.raises(WorkdirError, match=f"{checkpoints}: none of the checkpoints"):
-    seq2seq_trainer.train_and_evaluate(two_checkpoint_config(), workdir)
+    runner.train(two_checkpoint_config(), workdir)
   assert "falling back to step 2" in capsys.readouterr().err
   assert checkpoint_steps(workdir) == [2, 4]  # nothing new, nothing moved
 
@@ -209,8 +209,8 @@ def test_divergence_stops_naming_the_step_and_keeps_only_finite_checkpoints(tmp_
     checkpoint_every=1,
   )
   workdir = tmp_path / "run"
-  with pytest.raises(seq2seq_trainer.TrainingDivergedError, match="diverged at step 2: non-finite") as error:
-    seq2seq_trainer.train_and_evaluate(config, workdir)
+  with pytest.raises(loop.TrainingDivergedError, match="diverged at step 2: non-finite") as error:
+    runner.train(config, workdir)
   assert isinstance(error.value, TmoeError)  # so the command line exits 2 with the message
   assert f"{(workdir / 'checkpoints').absolute()}/1, was written before it and is kept" in str(error.value)
   assert checkpoint_steps(workdir) == [1]

@@ -12,8 +12,10 @@ from tmoe_jax.data import batching
 from tmoe_jax.data.seq2seq import load_seq2seq_data, make_batch
 from tmoe_jax.parallel.mesh import make_mesh
 from tmoe_jax.parallel.sharding import train_state_shardings
-from tmoe_jax.training import checkpointing, seq2seq_trainer
+from tmoe_jax.tasks import seq2seq as seq2seq_task
+from tmoe_jax.training import checkpointing
 from tmoe_jax.training import seq2seq_steps as steps
+from tmoe_jax.training import steps as training_steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.state import create_train_state
 
@@ -41,7 +43,7 @@ def _config():
 
 def _step(config, mesh, sgd=True):
   data = load_seq2seq_data(config.data)
-  model = seq2seq_trainer.build_model(config, data.vocabulary.size, 0, mesh=mesh)
+  model = seq2seq_task.build_model(config, data.vocabulary.size, 0, mesh=mesh)
   # SGD: Adam would turn float noise in gradients that are 0 in exact arithmetic
   # (e.g. attention key biases) into full-size steps.
   optimizer = optax.sgd(1.0) if sgd else make_optimizer(config.train)
@@ -51,7 +53,9 @@ def _step(config, mesh, sgd=True):
     shardings = train_state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
     kwargs = {"state_shardings": shardings, "mesh": mesh}
-  step = steps.jit_train_step(graphdef, optimizer, make_schedule(config.train), steps.LossWeights(), **kwargs)
+  step = steps.jit_train_step(
+    graphdef, optimizer, make_schedule(config.train), training_steps.LossWeights(), **kwargs
+  )
   split = data.splits["train"]
   batch = make_batch(split, batching.example_indices(len(split), 16, 0, 0), data.vocabulary.BOS_ID)
   state, metrics = step(state, batch)

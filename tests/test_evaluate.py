@@ -20,8 +20,8 @@ import train.translate
 from tmoe_jax import loading
 from tmoe_jax.data.seq2seq import decoder_inputs, load_seq2seq_data
 from tmoe_jax.errors import DataError
+from tmoe_jax.training import runner
 from tmoe_jax.training import seq2seq_steps as steps
-from tmoe_jax.training import seq2seq_trainer
 
 
 def trained_config():
@@ -33,7 +33,7 @@ def trained_config():
 def trained(tmp_path_factory):
   """A finished 4-step run (checkpoints at 2 and 4) and its results."""
   workdir = tmp_path_factory.mktemp("trained") / "run"
-  results = seq2seq_trainer.train_and_evaluate(trained_config(), workdir)
+  results = runner.train(trained_config(), workdir)
   return workdir, results
 
 

@@ -127,11 +127,12 @@ def test_bad_variant_settings_name_the_field(field, value, message):
 
 @pytest.mark.parametrize("moe_layer", ["sparse", "smoe"])
 def test_transformer_builds_each_moe_layer_kind_and_trains_one_step(moe_layer):
-  import configs.tmoe
   import optax
 
+  import configs.tmoe
   from tmoe_jax.moe.smoe import SingleMixtureOfExperts
-  from tmoe_jax.training import seq2seq_steps as steps
+  from tmoe_jax.training import steps
+  from tmoe_jax.training.seq2seq_steps import seq2seq_loss
   from tmoe_jax.training.state import create_train_state
   from tmoe_jax.transformer import Transformer
 
@@ -149,7 +150,13 @@ def test_transformer_builds_each_moe_layer_kind_and_trains_one_step(moe_layer):
   batch = {"source": source, "decoder_input": jnp.array([[1, 9, 10], [1, 11, 2]]), "target": target}
   step = jax.jit(
     lambda s, b: steps.train_step(
-      s, b, graphdef=graphdef, optimizer=optimizer, schedule=lambda _: 1e-2, loss_weights=steps.LossWeights()
+      s,
+      b,
+      graphdef=graphdef,
+      optimizer=optimizer,
+      schedule=lambda _: 1e-2,
+      loss_weights=steps.LossWeights(),
+      loss_fn=seq2seq_loss,
     )
   )
   losses = []

@@ -14,8 +14,10 @@ import configs.tmoe
 from tmoe_jax.data import batching
 from tmoe_jax.data.seq2seq import decoder_inputs, load_seq2seq_data, make_batch
 from tmoe_jax.errors import WorkdirError
-from tmoe_jax.training import checkpointing, reporting, seq2seq_trainer
+from tmoe_jax.tasks import seq2seq as seq2seq_task
+from tmoe_jax.training import checkpointing, reporting, runner
 from tmoe_jax.training import seq2seq_steps as steps
+from tmoe_jax.training import steps as training_steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.state import create_train_state
 
@@ -45,10 +47,12 @@ def tiny_config(**train_overrides):
 
 def _setup(config):
   data = load_seq2seq_data(config.data)
-  model = seq2seq_trainer.build_model(config, data.vocabulary.size, config.train.seed)
+  model = seq2seq_task.build_model(config, data.vocabulary.size, config.train.seed)
   optimizer = make_optimizer(config.train)
   graphdef, state = create_train_state(model, optimizer, config.train.seed)
-  train_step = steps.jit_train_step(graphdef, optimizer, make_schedule(config.train), steps.LossWeights())
+  train_step = steps.jit_train_step(
+    graphdef, optimizer, make_schedule(config.train), training_steps.LossWeights()
+  )
   return data, graphdef, state, train_step
 
 
@@ -93,13 +97,18 @@ def test_aux_loss_is_added_to_the_training_objective():
   def metrics_with(loss_weights):
     step = jax.jit(
       functools.partial(
-        steps.train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule, loss_weights=loss_weights
+        training_steps.train_step,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        schedule=schedule,
+        loss_weights=loss_weights,
+        loss_fn=steps.seq2seq_loss,
       )
     )
     return step(state, batch)[1]
 
-  with_aux = metrics_with(steps.LossWeights(load_balancing=1.0, router_z=0.0))
-  without = metrics_with(steps.LossWeights(load_balancing=0.0, router_z=0.0))
+  with_aux = metrics_with(training_steps.LossWeights(load_balancing=1.0, router_z=0.0))
+  without = metrics_with(training_steps.LossWeights(load_balancing=0.0, router_z=0.0))
   np.testing.assert_allclose(with_aux["aux_loss"], with_aux["load_balancing_loss"], rtol=1e-6)
   assert float(without["aux_loss"]) == 0.0
   assert float(with_aux["grad_norm"]) != float(without["grad_norm"])
@@ -139,9 +148,9 @@ def resumable_config(num_steps):
 def runs(tmp_path_factory):
   """An uninterrupted 10-step run, and one stopped after 6 steps and resumed to 10."""
   root = tmp_path_factory.mktemp("runs")
-  straight = seq2seq_trainer.train_and_evaluate(resumable_config(10), root / "straight")
-  seq2seq_trainer.train_and_evaluate(resumable_config(6), root / "resumed")
-  resumed = seq2seq_trainer.train_and_evaluate(resumable_config(10), root / "resumed")
+  straight = runner.train(resumable_config(10), root / "straight")
+  runner.train(resumable_config(6), root / "resumed")
+  resumed = runner.train(resumable_config(10), root / "resumed")
   return {"root": root, "straight": straight, "resumed": resumed}
 
 
@@ -184,14 +193,14 @@ def test_a_workdir_from_an_incompatible_config_is_refused(runs):
   config = resumable_config(12)
   config.model.num_experts = 8
   with pytest.raises(WorkdirError, match="model.num_experts: saved 4, now 8"):
-    seq2seq_trainer.train_and_evaluate(config, runs["root"] / "straight")
+    runner.train(config, runs["root"] / "straight")
 
 
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):
   path = tmp_path / "file"
   path.write_text("not a directory")
   with pytest.raises(WorkdirError, match="is a file"):
-    seq2seq_trainer.train_and_evaluate(tiny_config(num_steps=1), path)
+    runner.train(tiny_config(num_steps=1), path)
 
 
 def test_learning_rate_schedule_warms_up_then_decays():

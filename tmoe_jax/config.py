@@ -247,8 +247,9 @@ class TransformerConfig:
 
 
 # (field, type, condition on the value, what the condition says) for the run settings
-# every experiment shares; the model section is checked by its dataclass.
-_RUN_FIELDS = (
+# every experiment shares; the model section is checked by the task.
+FieldRule = tuple[str, Any, Any, str]
+TRAIN_LOOP_FIELDS: tuple[FieldRule, ...] = (
   ("train.num_steps", int, lambda v: v >= 0, ">= 0"),
   ("train.batch_size", int, lambda v: v >= 1, ">= 1"),
   ("train.learning_rate", (int, float), lambda v: v > 0, "> 0"),
@@ -258,22 +259,27 @@ _RUN_FIELDS = (
   ("train.adam_b2", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
   ("train.weight_decay", (int, float), lambda v: v >= 0, ">= 0"),
   ("train.grad_clip_norm", (int, float), lambda v: v >= 0, ">= 0 (0 = off)"),
-  ("train.label_smoothing", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
   ("train.seed", int, lambda v: v >= 0, ">= 0"),
   ("train.log_every", int, lambda v: v >= 1, ">= 1"),
   ("train.eval_every", int, lambda v: v >= 0, ">= 0 (0 = only at the end)"),
   ("train.checkpoint_every", int, lambda v: v >= 0, ">= 0 (0 = only at the end)"),
   ("train.keep_checkpoints", int, lambda v: v >= 1, ">= 1"),
+  ("eval.batch_size", int, lambda v: v >= 1, ">= 1"),
+  ("eval.num_examples_during_training", int, lambda v: v >= 1, ">= 1"),
+  ("mesh.data", int, lambda v: v == -1 or v >= 1, ">= 1, or -1 for the remaining devices"),
+  ("mesh.expert", int, lambda v: v == -1 or v >= 1, ">= 1, or -1 for the remaining devices"),
+)
+# The MoE auxiliary-loss weights, for every task whose model has MoE layers.
+MOE_LOSS_FIELDS: tuple[FieldRule, ...] = (
   ("model.load_balancing_weight", (int, float), lambda v: v >= 0, ">= 0"),
   ("model.router_z_weight", (int, float), lambda v: v >= 0, ">= 0"),
-  ("eval.batch_size", int, lambda v: v >= 1, ">= 1"),
+)
+SEQ2SEQ_FIELDS: tuple[FieldRule, ...] = (
+  ("train.label_smoothing", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
   ("eval.beam_size", int, lambda v: v >= 1, ">= 1 (1 = greedy)"),
-  ("eval.num_examples_during_training", int, lambda v: v >= 1, ">= 1"),
   ("data.seed", int, lambda v: v >= 0, ">= 0"),
   ("data.num_train", int, lambda v: v >= 1, ">= 1"),
   ("data.num_test", int, lambda v: v >= 1, ">= 1"),
-  ("mesh.data", int, lambda v: v == -1 or v >= 1, ">= 1, or -1 for the remaining devices"),
-  ("mesh.expert", int, lambda v: v == -1 or v >= 1, ">= 1, or -1 for the remaining devices"),
 )
 
 
@@ -286,9 +292,14 @@ def _lookup(config, dotted: str):
   return node
 
 
-def validate_run_config(config) -> None:
-  """Checks the train/eval/data settings; raises ConfigError naming the first bad field."""
-  for field, types, condition, description in _RUN_FIELDS:
+def validate_fields(config, rules: tuple[FieldRule, ...]) -> None:
+  """Checks each (field, type, condition, description) rule; ConfigError names the first bad field."""
+  for field, types, condition, description in rules:
     value = _lookup(config, field)
     require_type(value, types, field)
     require(condition(value), field, f"must be {description}, got {value!r}")
+
+
+def validate_run_config(config) -> None:
+  """Checks the train/eval/data settings of a seq2seq run; raises ConfigError naming the first bad field."""
+  validate_fields(config, TRAIN_LOOP_FIELDS + MOE_LOSS_FIELDS + SEQ2SEQ_FIELDS)

@@ -31,8 +31,10 @@ from tmoe_jax.config import validate_run_config
 from tmoe_jax.data.seq2seq import Seq2SeqData, load_seq2seq_data
 from tmoe_jax.data.vocabulary import CharVocabulary
 from tmoe_jax.errors import ConfigError, DataError, WorkdirError
-from tmoe_jax.training import checkpointing, seq2seq_trainer
+from tmoe_jax.tasks import seq2seq as seq2seq_task
+from tmoe_jax.training import checkpointing
 from tmoe_jax.training import seq2seq_steps as steps
+from tmoe_jax.training import workdir as workdir_files
 from tmoe_jax.training.optimizer import make_optimizer
 from tmoe_jax.training.state import TrainState
 from tmoe_jax.transformer import Transformer
@@ -53,16 +55,16 @@ def check_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
 
 def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   """The resolved config saved in `<workdir>/config.json`, as a locked ConfigDict."""
-  path = check_workdir(workdir) / seq2seq_trainer.CONFIG_FILE
+  path = check_workdir(workdir) / workdir_files.CONFIG_FILE
   if not path.is_file():
     raise WorkdirError(f"{path}: missing; was this workdir written by `python -m train`?")
-  config = ml_collections.ConfigDict(seq2seq_trainer.read_saved_config_json(path))
+  config = ml_collections.ConfigDict(workdir_files.read_saved_config_json(path))
   config.lock()
   return config
 
 
 def read_vocabulary(workdir: str | pathlib.Path) -> CharVocabulary:
-  path = check_workdir(workdir) / seq2seq_trainer.VOCABULARY_FILE
+  path = check_workdir(workdir) / seq2seq_task.VOCABULARY_FILE
   if not path.is_file():
     raise WorkdirError(f"{path}: missing; was this workdir written by `python -m train`?")
   try:
@@ -114,7 +116,7 @@ def load_data(config, vocabulary: CharVocabulary) -> Seq2SeqData:
   data = load_seq2seq_data(config.data)
   if data.vocabulary != vocabulary:
     raise WorkdirError(
-      f"the data built from config.data has another vocabulary than {seq2seq_trainer.VOCABULARY_FILE} "
+      f"the data built from config.data has another vocabulary than {seq2seq_task.VOCABULARY_FILE} "
       f"({data.vocabulary.size} vs {vocabulary.size} ids): has the data generator changed since training?"
     )
   return data
@@ -122,7 +124,7 @@ def load_data(config, vocabulary: CharVocabulary) -> Seq2SeqData:
 
 def abstract_train_state(config, vocab_size: int) -> tuple[nnx.GraphDef, TrainState]:
   """The graph definition and the shapes of the TrainState `config` trains, without computing any values."""
-  abstract_model = nnx.eval_shape(lambda: seq2seq_trainer.build_model(config, vocab_size, config.train.seed))
+  abstract_model = nnx.eval_shape(lambda: seq2seq_task.build_model(config, vocab_size, config.train.seed))
   graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
   optimizer = make_optimizer(config.train)
 
@@ -148,7 +150,7 @@ def restore_train_state(
   workdir: str | pathlib.Path, config, vocab_size: int, step: int | None = None
 ) -> tuple[nnx.GraphDef, TrainState]:
   """Restores `<workdir>/checkpoints/<step>` (default: the newest readable one), read-only."""
-  directory = check_workdir(workdir) / seq2seq_trainer.CHECKPOINT_DIR
+  directory = check_workdir(workdir) / workdir_files.CHECKPOINT_DIR
   if not directory.is_dir():
     raise WorkdirError(f"{directory}: no checkpoints in this workdir")
   graphdef, abstract_state = abstract_train_state(config, vocab_size)

@@ -101,8 +101,8 @@ def evaluate_seq2seq(config, workdir: pathlib.Path, *, step: int | None, split: 
   """Restores the checkpoint and evaluates it on one split with the trainer's `evaluate`."""
   from tmoe_jax import loading
   from tmoe_jax.errors import DataError
+  from tmoe_jax.tasks import seq2seq as seq2seq_task
   from tmoe_jax.training import seq2seq_steps as steps
-  from tmoe_jax.training import seq2seq_trainer
 
   vocabulary = loading.read_vocabulary(workdir)
   data = loading.load_data(config, vocabulary)
@@ -117,7 +117,7 @@ def evaluate_seq2seq(config, workdir: pathlib.Path, *, step: int | None, split: 
     eos_id=vocabulary.EOS_ID,
     length_penalty=config.eval.length_penalty,
   )
-  metrics = seq2seq_trainer.evaluate(
+  metrics = seq2seq_task.evaluate(
     state,
     data.splits[split],
     vocabulary,

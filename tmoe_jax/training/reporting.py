@@ -1,4 +1,4 @@
-"""What a run writes beside its checkpoints: metrics.jsonl, results.txt, loss_curve.png."""
+"""What a run writes beside its checkpoints: metrics.jsonl (+ TensorBoard events), results.txt, loss_curve.png."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from typing import Any
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+# Vector metrics (e.g. per-layer expert load) go to TensorBoard element by element up to this size.
+_MAX_TENSORBOARD_ELEMENTS = 256
 RESULTS_FILE = "results.txt"
 LOSS_CURVE_FILE = "loss_curve.png"
 
@@ -56,21 +59,46 @@ def _row_key(row: Mapping[str, Any]) -> tuple[Any, Any]:
   return row.get("step"), row.get("split")
 
 
+def tensorboard_scalars(row: Mapping[str, Any]) -> dict[str, float]:
+  """`<split>/<name>[/<index>...]` -> value for every number in a metrics row (vectors element-wise)."""
+  split = row.get("split", "train")
+  scalars = {}
+  for name, value in row.items():
+    if name in ("step", "split") or isinstance(value, (str, bool)) or value is None:
+      continue
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.number) or array.size > _MAX_TENSORBOARD_ELEMENTS:
+      continue
+    for index in np.ndindex(array.shape):
+      suffix = "".join(f"/{i}" for i in index)
+      scalars[f"{split}/{name}{suffix}"] = float(array[index])
+  return scalars
+
+
 class MetricsWriter:
-  """Appends one JSON object per line to `<workdir>/metrics.jsonl`, at most one per (step, split).
+  """Appends one JSON object per line to `<workdir>/metrics.jsonl`, at most one per (step, split),
+  and the same numbers as TensorBoard scalars under `<workdir>/tensorboard/` (tensorboardX: no TensorFlow).
 
   On resume, rows for steps after the restored checkpoint are dropped first, so
-  the file never holds two different histories of the same step; writing a row
-  for a (step, split) already present (the final evaluation of a run restarted
-  after it finished training) replaces the old row.
+  the file never holds two different histories of the same step (TensorBoard is
+  told the same with `purge_step`); writing a row for a (step, split) already
+  present (the final evaluation of a run restarted after it finished training)
+  replaces the old row.
   """
 
   def __init__(self, workdir: pathlib.Path, *, resume_step: int):
+    import tensorboardX
+
     self.path = pathlib.Path(workdir) / METRICS_FILE
     self._keys: set[tuple[Any, Any]] = set()
     if self.path.exists():
       kept = [row for row in _parse_rows(self.path) if row.get("step", 0) <= resume_step]
       self._rewrite(kept)
+    self._tensorboard = tensorboardX.SummaryWriter(
+      str(pathlib.Path(workdir) / TENSORBOARD_DIR),
+      purge_step=resume_step + 1 if resume_step else None,
+      flush_secs=10,
+    )
 
   def _rewrite(self, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in rows))
@@ -84,6 +112,11 @@ class MetricsWriter:
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
     self._keys.add(key)
+    for tag, value in tensorboard_scalars(row).items():
+      self._tensorboard.add_scalar(tag, value, global_step=row.get("step", 0))
+
+  def close(self) -> None:
+    self._tensorboard.close()
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict[str, Any]]:
@@ -104,8 +137,8 @@ def write_results(workdir: pathlib.Path, results: Mapping[str, Any]) -> pathlib.
   return path
 
 
-def plot_loss_curve(workdir: pathlib.Path) -> pathlib.Path | None:
-  """Training loss (and eval loss when logged) against step, as a PNG."""
+def plot_loss_curve(workdir: pathlib.Path, *, eval_split: str = "test") -> pathlib.Path | None:
+  """Training loss (and the `eval_split` loss when logged) against step, as a PNG."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -113,15 +146,15 @@ def plot_loss_curve(workdir: pathlib.Path) -> pathlib.Path | None:
 
   rows = read_metrics(workdir)
   train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train"]
-  evals = [(r["step"], r["loss"]) for r in rows if r.get("split") == "test" and "loss" in r]
+  evals = [(r["step"], r["loss"]) for r in rows if r.get("split") == eval_split and "loss" in r]
   if not train:
     return None
   figure, axes = plt.subplots(figsize=(6, 4))
   axes.plot(*zip(*train), label="train loss")
   if evals:
-    axes.plot(*zip(*evals), "o-", label="test loss (teacher forced)")
+    axes.plot(*zip(*evals), "o-", label=f"{eval_split} loss")
   axes.set_xlabel("step")
-  axes.set_ylabel("cross-entropy (nats/token)")
+  axes.set_ylabel("loss")
   axes.set_yscale("log")
   axes.grid(True, alpha=0.3)
   axes.legend()

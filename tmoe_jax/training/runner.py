@@ -1,19 +1,31 @@
-"""Picks the trainer for an experiment config (`config.task`) and prints its results."""
+"""Builds the task an experiment config names (`config.task`), trains it and prints its results."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import pathlib
+from typing import Any
 
 from tmoe_jax.errors import ConfigError
-from tmoe_jax.training import seq2seq_trainer
+from tmoe_jax.training import loop
+from tmoe_jax.training.task import Task
 
-TRAINERS: dict[str, Callable[..., dict[str, Any]]] = {"seq2seq": seq2seq_trainer.train_and_evaluate}
+
+def make_task(config) -> Task:
+  """The `Task` named by `config.task`, built (and its config sections validated) from `config`."""
+  from tmoe_jax.tasks import TASKS
+
+  if "task" not in config or config.task not in TASKS:
+    raise ConfigError(f"task: must be one of {sorted(TASKS)}, got {config.get('task')!r}")
+  return TASKS[config.task](config)
+
+
+def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains and evaluates the experiment `config` describes in `workdir`; returns its results."""
+  return loop.train_and_evaluate(config, workdir, make_task(config))
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  if "task" not in config or config.task not in TRAINERS:
-    raise ConfigError(f"task: must be one of {sorted(TRAINERS)}, got {config.get('task')!r}")
-  results = TRAINERS[config.task](config, workdir)
+  results = train(config, workdir)
   print(f"results ({workdir}/results.txt):")
   for name, value in results.items():
     print(f"  {name}: {value}")

@@ -1,0 +1,5 @@
+"""Experiments as `training.task.Task`s, by `config.task` name."""
+
+from tmoe_jax.tasks.seq2seq import Seq2SeqTask
+
+TASKS = {"seq2seq": Seq2SeqTask}

@@ -1,0 +1,138 @@
+"""The seq2seq task: the Transformer-MoE encoder-decoder trained with teacher forcing.
+
+Evaluation reports the teacher-forced loss and token accuracy, and exact match /
+token accuracy of greedy or beam-search outputs against the references.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tmoe_jax.config import MOE_LOSS_FIELDS, SEQ2SEQ_FIELDS, TransformerConfig, validate_fields
+from tmoe_jax.data import batching
+from tmoe_jax.data.seq2seq import Seq2SeqSplit, load_seq2seq_data, make_batch
+from tmoe_jax.errors import ConfigError
+from tmoe_jax.training import reporting
+from tmoe_jax.training import seq2seq_steps as steps
+from tmoe_jax.training.state import TrainState
+from tmoe_jax.training.task import Task
+from tmoe_jax.transformer import Transformer
+
+VOCABULARY_FILE = "vocabulary.json"
+
+
+def build_model(config, vocab_size: int, seed: int, mesh=None) -> Transformer:
+  """The Transformer of `config.model`; with a multi-device `mesh` its MoE layers run expert-parallel."""
+  model_config = TransformerConfig.from_config(config.model, vocab_size=vocab_size, mesh=mesh)
+  return Transformer(model_config, rngs=nnx.Rngs(params=seed))
+
+
+def evaluate(
+  state: TrainState, split: Seq2SeqSplit, vocabulary, eval_config, *, num_examples=None, eval_fn, decode_fn
+) -> dict[str, float]:
+  """Teacher-forced loss and token accuracy, and exact match / token accuracy of decoded outputs."""
+  num_examples = len(split) if num_examples is None else min(num_examples, len(split))
+  loss_sum = correct_forced = forced_tokens = 0.0
+  exact = correct_decoded = target_tokens = 0
+  for indices, num_valid in batching.sequential_batches(num_examples, eval_config.batch_size):
+    batch = make_batch(split, indices, vocabulary.BOS_ID)
+    # Padding rows repeat example 0: zero their targets so they add nothing to the sums.
+    batch["target"][num_valid:] = 0
+    sums = jax.device_get(eval_fn(state.params, state.model_state, batch))
+    loss_sum += float(sums["loss_sum"])
+    correct_forced += float(sums["correct_tokens"])
+    forced_tokens += float(sums["num_tokens"])
+    decoded = np.asarray(decode_fn(state.params, state.model_state, batch["source"]))[:num_valid]
+    targets = batch["target"][:num_valid]
+    valid = targets != 0
+    exact += int(np.sum(np.all((decoded == targets) | ~valid, axis=1)))
+    correct_decoded += int(np.sum((decoded == targets) & valid))
+    target_tokens += int(np.sum(valid))
+  return {
+    "loss": loss_sum / max(forced_tokens, 1.0),
+    "teacher_forced_accuracy": correct_forced / max(forced_tokens, 1.0),
+    "exact_match": exact / max(num_examples, 1),
+    "token_accuracy": correct_decoded / max(target_tokens, 1),
+    "num_examples": num_examples,
+  }
+
+
+def decode_name(eval_config) -> str:
+  return "greedy" if eval_config.beam_size == 1 else f"beam{eval_config.beam_size}"
+
+
+class Seq2SeqTask(Task):
+  eval_split = "test"
+  throughput_unit = "tokens"
+
+  def __init__(self, config):
+    super().__init__(config)
+    validate_fields(config, MOE_LOSS_FIELDS + SEQ2SEQ_FIELDS)
+    if config.data.tfds_data_dir:
+      raise ConfigError(f"data.tfds_data_dir: task {config.data.name!r} is generated in code; leave it empty")
+    self.data = load_seq2seq_data(config.data)
+
+  def build_model(self, mesh) -> Transformer:
+    return build_model(self.config, self.data.vocabulary.size, self.config.train.seed, mesh=mesh)
+
+  def check_model(self, model: Transformer) -> None:
+    longest = max(self.data.max_source_length, self.data.max_target_length)
+    if longest > model.config.max_length:
+      raise ConfigError(
+        f"model.max_length: must be >= the longest sequence ({longest}), got {model.config.max_length}"
+      )
+
+  def write_files(self, workdir: pathlib.Path) -> None:
+    reporting.write_text_atomic(workdir / VOCABULARY_FILE, self.data.vocabulary.to_json())
+
+  def train_batch(self, step: int, rows: slice) -> dict[str, np.ndarray]:
+    train = self.data.splits["train"]
+    train_config = self.config.train
+    indices = batching.example_indices(len(train), train_config.batch_size, train_config.seed, step)
+    return make_batch(train, indices[rows], self.data.vocabulary.BOS_ID)
+
+  def count_units(self, batch) -> int:
+    return int(np.sum(batch["source"] != 0) + np.sum(batch["target"] != 0))
+
+  def loss(self, model, batch, rngs, step):
+    return steps.seq2seq_loss(model, batch, rngs, step, label_smoothing=self.config.train.label_smoothing)
+
+  def make_evaluator(self, graphdef):
+    eval_fn = steps.jit_eval_step(graphdef)
+    vocabulary = self.data.vocabulary
+    decode_fn = steps.jit_decode(
+      graphdef,
+      max_length=self.data.max_target_length,
+      beam_size=self.config.eval.beam_size,
+      bos_id=vocabulary.BOS_ID,
+      eos_id=vocabulary.EOS_ID,
+      length_penalty=self.config.eval.length_penalty,
+    )
+
+    def evaluator(state: TrainState, split: str, num_examples: int | None) -> dict[str, Any]:
+      return evaluate(
+        state,
+        self.data.splits[split],
+        vocabulary,
+        self.config.eval,
+        num_examples=num_examples,
+        eval_fn=eval_fn,
+        decode_fn=decode_fn,
+      )
+
+    return evaluator
+
+  def headline_results(self, evaluation: dict[str, Any]) -> dict[str, Any]:
+    return {
+      "exact_match": evaluation["exact_match"],
+      "token_accuracy": evaluation["token_accuracy"],
+      "test_loss": evaluation["loss"],
+      "test_teacher_forced_accuracy": evaluation["teacher_forced_accuracy"],
+      "test_examples": evaluation["num_examples"],
+      "decode": decode_name(self.config.eval),
+    }
