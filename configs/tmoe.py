@@ -12,6 +12,8 @@ Override any field:
 
 import ml_collections
 
+from configs import common
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -50,35 +52,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.load_balancing_weight = 1e-2
   config.model.router_z_weight = 1e-3
 
-  config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 2500
-  config.train.batch_size = 32
-  config.train.learning_rate = 1e-3
-  config.train.schedule = "cosine"  # or "constant"
-  config.train.warmup_steps = 100
-  config.train.final_learning_rate_fraction = 0.1
-  config.train.adam_b1 = 0.9
-  config.train.adam_b2 = 0.98
-  config.train.weight_decay = 0.0
-  config.train.grad_clip_norm = 1.0  # 0 = no clipping
-  config.train.label_smoothing = 0.0
-  config.train.seed = 0
-  config.train.log_every = 50
-  config.train.eval_every = 500
-  config.train.checkpoint_every = 500
-  config.train.keep_checkpoints = 3
-  config.train.progress_bar = True
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 256
-  config.eval.beam_size = 1  # 1 = greedy
-  config.eval.length_penalty = 0.6
-  config.eval.num_examples_during_training = 512  # decoded at each eval_every; the final eval uses all
-
-  # Device mesh: tokens split over data * expert devices, experts over `expert` (-1 = the rest).
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1
-  config.mesh.expert = 1
+  config.train = common.train_section(label_smoothing=0.0)
+  config.eval = common.eval_section(
+    beam_size=1,  # 1 = greedy
+    length_penalty=0.6,
+  )
+  config.mesh = common.mesh_section()
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "dates"

@@ -33,7 +33,7 @@ def train_rows(workdir: pathlib.Path) -> list[dict]:
 
 def final_state(workdir: pathlib.Path):
   config = loading.read_config(workdir)
-  _, state = loading.restore_train_state(workdir, config, loading.read_vocabulary(workdir).size)
+  _, state = loading.restore_train_state(workdir, config, loading.load_task(workdir, config))
   return state
 
 
@@ -182,7 +182,8 @@ def test_a_checkpoint_of_another_model_shape_is_a_config_error_not_damage(pristi
   shutil.copytree(pristine, workdir)
   config = two_checkpoint_config()
   config.model.d_model = 16
-  _, abstract_state = loading.abstract_train_state(config, loading.read_vocabulary(workdir).size)
+  task = loading.load_task(workdir, config)
+  _, abstract_state = loading.abstract_train_state(config, lambda: task.build_model(None))
   with (
     checkpointing.make_manager(workdir / "checkpoints", max_to_keep=3) as manager,
     pytest.raises(WorkdirError, match="does not match the current model config") as error,

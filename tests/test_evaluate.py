@@ -19,6 +19,7 @@ import train.evaluate
 import train.translate
 from tmoe_jax import loading
 from tmoe_jax.data.seq2seq import decoder_inputs, load_seq2seq_data
+from tmoe_jax.data.vocabulary import CharVocabulary
 from tmoe_jax.errors import DataError
 from tmoe_jax.training import runner
 from tmoe_jax.training import seq2seq_steps as steps
@@ -45,8 +46,8 @@ def test_load_restores_the_newest_checkpoint_into_a_callable_model(trained):
   run = tmoe_jax.load(workdir)
   assert run.step == 4
   assert run.config.model.d_model == 32 and run.config.task == "seq2seq"
-  assert run.vocabulary == loading.read_vocabulary(workdir)
-  _, state = loading.restore_train_state(workdir, run.config, run.vocabulary.size)
+  assert run.vocabulary == CharVocabulary.from_json((workdir / "vocabulary.json").read_text())
+  _, state = loading.restore_train_state(workdir, run.config, loading.load_task(workdir, run.config))
   chex.assert_trees_all_equal(nnx.state(run.model, nnx.Param), state.params)
 
   data = load_seq2seq_data(run.config.data)
@@ -92,7 +93,7 @@ def test_evaluate_reproduces_the_final_results_and_writes_them(trained, capsys):
   workdir, results = trained
   train.evaluate.main(["--workdir", str(workdir)])
   out = capsys.readouterr().out
-  assert "step 4, split test (24 examples, greedy):" in out
+  assert "step 4, split test:" in out
   written = json.loads((workdir / "eval-4-test.json").read_text())
   assert f"wrote {workdir / 'eval-4-test.json'}" in out
   # The same checkpoint and evaluation as the end of training: the same decoded numbers,

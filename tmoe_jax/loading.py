@@ -27,16 +27,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tmoe_jax.config import validate_run_config
-from tmoe_jax.data.seq2seq import Seq2SeqData, load_seq2seq_data
+from tmoe_jax.config import TRAIN_LOOP_FIELDS, validate_fields
 from tmoe_jax.data.vocabulary import CharVocabulary
 from tmoe_jax.errors import ConfigError, DataError, WorkdirError
-from tmoe_jax.tasks import seq2seq as seq2seq_task
-from tmoe_jax.training import checkpointing
+from tmoe_jax.training import checkpointing, runner
 from tmoe_jax.training import seq2seq_steps as steps
 from tmoe_jax.training import workdir as workdir_files
 from tmoe_jax.training.optimizer import make_optimizer
 from tmoe_jax.training.state import TrainState
+from tmoe_jax.training.task import Task
 from tmoe_jax.transformer import Transformer
 
 # The config section that may differ from the one the run was trained with.
@@ -61,16 +60,6 @@ def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(workdir_files.read_saved_config_json(path))
   config.lock()
   return config
-
-
-def read_vocabulary(workdir: str | pathlib.Path) -> CharVocabulary:
-  path = check_workdir(workdir) / seq2seq_task.VOCABULARY_FILE
-  if not path.is_file():
-    raise WorkdirError(f"{path}: missing; was this workdir written by `python -m train`?")
-  try:
-    return CharVocabulary.from_json(path.read_text())
-  except (OSError, UnicodeDecodeError, ValueError) as error:
-    raise WorkdirError(f"{path}: cannot read the vocabulary ({error})") from error
 
 
 def _check_override_type(field: str, old: Any, new: Any) -> Any:
@@ -106,25 +95,21 @@ def with_eval_overrides(
     if name not in config[section]:
       raise ConfigError(f"{field}: no such field; {section} has {sorted(config[section])}")
     config[section][name] = _check_override_type(field, config[section][name], value)
-  validate_run_config(config)
+  validate_fields(config, TRAIN_LOOP_FIELDS)
   config.lock()
   return config
 
 
-def load_data(config, vocabulary: CharVocabulary) -> Seq2SeqData:
-  """The run's data, rebuilt from its config; WorkdirError if it no longer matches the saved vocabulary."""
-  data = load_seq2seq_data(config.data)
-  if data.vocabulary != vocabulary:
-    raise WorkdirError(
-      f"the data built from config.data has another vocabulary than {seq2seq_task.VOCABULARY_FILE} "
-      f"({data.vocabulary.size} vs {vocabulary.size} ids): has the data generator changed since training?"
-    )
-  return data
+def load_task(workdir: str | pathlib.Path, config) -> Task:
+  """The run's task, rebuilt from its config with the files its training wrote (e.g. the vocabulary)."""
+  task = runner.make_task(config)
+  task.read_files(check_workdir(workdir))
+  return task
 
 
-def abstract_train_state(config, vocab_size: int) -> tuple[nnx.GraphDef, TrainState]:
+def abstract_train_state(config, build_model: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, TrainState]:
   """The graph definition and the shapes of the TrainState `config` trains, without computing any values."""
-  abstract_model = nnx.eval_shape(lambda: seq2seq_task.build_model(config, vocab_size, config.train.seed))
+  abstract_model = nnx.eval_shape(build_model)
   graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
   optimizer = make_optimizer(config.train)
 
@@ -147,13 +132,13 @@ def abstract_train_state(config, vocab_size: int) -> tuple[nnx.GraphDef, TrainSt
 
 
 def restore_train_state(
-  workdir: str | pathlib.Path, config, vocab_size: int, step: int | None = None
+  workdir: str | pathlib.Path, config, task: Task, step: int | None = None
 ) -> tuple[nnx.GraphDef, TrainState]:
   """Restores `<workdir>/checkpoints/<step>` (default: the newest readable one), read-only."""
   directory = check_workdir(workdir) / workdir_files.CHECKPOINT_DIR
   if not directory.is_dir():
     raise WorkdirError(f"{directory}: no checkpoints in this workdir")
-  graphdef, abstract_state = abstract_train_state(config, vocab_size)
+  graphdef, abstract_state = abstract_train_state(config, lambda: task.build_model(None))
   manager = checkpointing.make_manager(directory, max_to_keep=config.train.keep_checkpoints, read_only=True)
   try:
     return graphdef, checkpointing.restore(manager, abstract_state, step)
@@ -231,9 +216,9 @@ def load(
   config = with_eval_overrides(read_config(workdir), eval_overrides or {})
   if config.get("task") not in LOADABLE_TASKS:
     raise ConfigError(f"task: can load runs of {list(LOADABLE_TASKS)}, not {config.get('task')!r}")
-  vocabulary = read_vocabulary(workdir)
-  data = load_data(config, vocabulary)
-  graphdef, state = restore_train_state(workdir, config, vocabulary.size, step)
+  task = load_task(workdir, config)
+  data, vocabulary = task.data, task.data.vocabulary
+  graphdef, state = restore_train_state(workdir, config, task, step)
   decode = steps.jit_decode(
     graphdef,
     max_length=data.max_target_length,

@@ -1,9 +1,10 @@
 """Evaluate a trained run: python -m train.evaluate --workdir DIR [--step N] [--split test] [--config.eval.F=V ...]
 
 Restores the newest readable checkpoint (or step N) with the config saved in
-DIR/config.json, evaluates it on the split (teacher-forced loss and accuracy,
-exact match and token accuracy of decoded outputs), prints a summary and writes
-DIR/eval-<step>-<split>.json. Only `eval.*` fields can be overridden (e.g.
+DIR/config.json, evaluates it on the split with the run's task (seq2seq: loss,
+exact match and token accuracy of decoded outputs; classification: accuracy;
+...; always the headline keys its results.txt uses, e.g. test_accuracy,
+dev_f1, bleu), prints a summary and writes DIR/eval-<step>-<split>.json. Only `eval.*` fields can be overridden (e.g.
 --config.eval.beam_size=4): the others are fixed by the checkpoint. Bad input
 (a missing workdir or checkpoint, an unknown split, a bad override) stops with
 one message and exit code 2.
@@ -15,7 +16,6 @@ import argparse
 import json
 import pathlib
 import sys
-from collections.abc import Callable
 from typing import Any
 
 USAGE_ERROR = 2
@@ -93,55 +93,23 @@ def load_config(workdir: str, raw_overrides: dict[str, str]):
   return loading.with_eval_overrides(config, typed_overrides(config, raw_overrides))
 
 
-def decode_name(eval_config) -> str:
-  return "greedy" if eval_config.beam_size == 1 else f"beam{eval_config.beam_size}"
-
-
-def evaluate_seq2seq(config, workdir: pathlib.Path, *, step: int | None, split: str) -> dict[str, Any]:
-  """Restores the checkpoint and evaluates it on one split with the trainer's `evaluate`."""
+def evaluate_split(config, workdir: pathlib.Path, *, step: int | None, split: str) -> dict[str, Any]:
+  """Restores the checkpoint and evaluates it on one split with its task's evaluator."""
   from tmoe_jax import loading
-  from tmoe_jax.errors import DataError
-  from tmoe_jax.tasks import seq2seq as seq2seq_task
-  from tmoe_jax.training import seq2seq_steps as steps
 
-  vocabulary = loading.read_vocabulary(workdir)
-  data = loading.load_data(config, vocabulary)
-  if split not in data.splits:
-    raise DataError(f"--split: unknown split {split!r}; data {config.data.name!r} has {sorted(data.splits)}")
-  graphdef, state = loading.restore_train_state(workdir, config, vocabulary.size, step)
-  decode_fn = steps.jit_decode(
-    graphdef,
-    max_length=data.max_target_length,
-    beam_size=config.eval.beam_size,
-    bos_id=vocabulary.BOS_ID,
-    eos_id=vocabulary.EOS_ID,
-    length_penalty=config.eval.length_penalty,
-  )
-  metrics = seq2seq_task.evaluate(
-    state,
-    data.splits[split],
-    vocabulary,
-    config.eval,
-    eval_fn=steps.jit_eval_step(graphdef),
-    decode_fn=decode_fn,
-  )
-  return {"step": int(state.step), "split": split, "decode": decode_name(config.eval), **metrics}
-
-
-# config.task -> evaluation of a restored run; a new task plugs in its own.
-EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {"seq2seq": evaluate_seq2seq}
+  task = loading.load_task(workdir, config)
+  graphdef, state = loading.restore_train_state(workdir, config, task, step)
+  metrics = task.make_evaluator(graphdef)(state, split, None)
+  return {"step": int(state.step), "split": split, **metrics, **task.headline_results(metrics)}
 
 
 def evaluate(workdir: str | pathlib.Path, *, step: int | None, split: str, raw_overrides: dict[str, str]):
   """Evaluates and writes `<workdir>/eval-<step>-<split>.json`; returns (results, path written)."""
-  from tmoe_jax.errors import ConfigError
   from tmoe_jax.training import reporting
 
   workdir = pathlib.Path(workdir)
   config = load_config(str(workdir), raw_overrides)
-  if config.task not in EVALUATORS:
-    raise ConfigError(f"task: cannot evaluate task {config.task!r}; known: {sorted(EVALUATORS)}")
-  results = EVALUATORS[config.task](config, workdir, step=step, split=split)
+  results = evaluate_split(config, workdir, step=step, split=split)
   results["eval_config"] = config.eval.to_dict()
   path = workdir / f"eval-{results['step']}-{split}.json"
   reporting.write_text_atomic(path, json.dumps(reporting.to_python(results), indent=2) + "\n")
@@ -172,9 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     results, path = evaluate(args.workdir, step=args.step, split=args.split, raw_overrides=overrides)
   except TmoeError as error:
     fail(error)
-  print(
-    f"step {results['step']}, split {results['split']} ({results['num_examples']} examples, {results['decode']}):"
-  )
+  print(f"step {results['step']}, split {results['split']}:")
   for name, value in results.items():
     if isinstance(value, float):
       print(f"  {name}: {value:.6g}")

@@ -16,7 +16,7 @@ from flax import nnx
 from tmoe_jax.config import MOE_LOSS_FIELDS, SEQ2SEQ_FIELDS, TransformerConfig, validate_fields
 from tmoe_jax.data import batching
 from tmoe_jax.data.seq2seq import Seq2SeqSplit, load_seq2seq_data, make_batch
-from tmoe_jax.errors import ConfigError
+from tmoe_jax.errors import ConfigError, DataError, WorkdirError
 from tmoe_jax.training import reporting
 from tmoe_jax.training import seq2seq_steps as steps
 from tmoe_jax.training.state import TrainState
@@ -90,6 +90,20 @@ class Seq2SeqTask(Task):
   def write_files(self, workdir: pathlib.Path) -> None:
     reporting.write_text_atomic(workdir / VOCABULARY_FILE, self.data.vocabulary.to_json())
 
+  def read_files(self, workdir: pathlib.Path) -> None:
+    path = workdir / VOCABULARY_FILE
+    if not path.is_file():
+      raise WorkdirError(f"{path}: missing; was this workdir written by `python -m train`?")
+    try:
+      saved = type(self.data.vocabulary).from_json(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+      raise WorkdirError(f"{path}: cannot read the vocabulary ({error})") from error
+    if saved != self.data.vocabulary:
+      raise WorkdirError(
+        f"the data built from config.data has another vocabulary than {path} "
+        f"({self.data.vocabulary.size} vs {saved.size} ids): has the data changed since training?"
+      )
+
   def train_batch(self, step: int, rows: slice) -> dict[str, np.ndarray]:
     train = self.data.splits["train"]
     train_config = self.config.train
@@ -115,6 +129,10 @@ class Seq2SeqTask(Task):
     )
 
     def evaluator(state: TrainState, split: str, num_examples: int | None) -> dict[str, Any]:
+      if split not in self.data.splits:
+        raise DataError(
+          f"--split: unknown split {split!r}; data {self.config.data.name!r} has {sorted(self.data.splits)}"
+        )
       return evaluate(
         state,
         self.data.splits[split],

@@ -36,7 +36,7 @@ from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.preemption import PreemptionGuard
 from tmoe_jax.training.state import TrainState, count_params, create_train_state
 from tmoe_jax.training.task import Task
-from tmoe_jax.training.workdir import CHECKPOINT_DIR, prepare_workdir
+from tmoe_jax.training.workdir import CHECKPOINT_DIR, CONFIG_FILE, prepare_workdir
 
 
 class TrainingDivergedError(TmoeError):
@@ -58,6 +58,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
   mesh = make_mesh(config.mesh.data, config.mesh.expert)
   check_batch_divisible(train_config.batch_size, mesh)
   rows = distributed.process_batch_rows(train_config.batch_size)
+  prepare_workdir(workdir, config, write=False)  # only checks: a bad model config must not write
+  if (workdir / CONFIG_FILE).exists():
+    task.read_files(workdir)
   model = task.build_model(mesh)
   task.check_model(model)
   prepare_workdir(workdir, config, write=is_main)

@@ -66,6 +66,11 @@ class Task(abc.ABC):
   def write_files(self, workdir: pathlib.Path) -> None:
     """Writes what a restored model needs besides its checkpoint (e.g. the vocabulary)."""
 
+  def read_files(self, workdir: pathlib.Path) -> None:
+    """Reads back what `write_files` wrote (called before `build_model` when resuming or loading a
+    run), so that a restored model sees exactly the ids it was trained with; raise WorkdirError
+    when they are missing or disagree with the data."""
+
   def after_train_step(self, step: int, state: TrainState, batch: dict[str, np.ndarray]) -> None:
     """Called on the main process after each step with the new state (e.g. to log gate activations)."""
 
