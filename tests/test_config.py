@@ -21,12 +21,15 @@ from flax import nnx
 
 import configs.tmoe
 from tmoe_jax.config import MoEConfig, TransformerConfig, validate_run_config
+from tmoe_jax.data.seq2seq import load_seq2seq_data
 from tmoe_jax.errors import ConfigError, TmoeError
 from tmoe_jax.transformer import Transformer
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 CONFIG_MODULES = sorted(
-  p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "common")  # common: shared sections
+  p.stem
+  for p in CONFIG_DIR.glob("*.py")
+  if p.stem not in ("__init__", "common")  # common: shared sections
 )
 # The Transformer seq2seq experiments; the other tasks' configs have smoke tests beside their tasks.
 SEQ2SEQ_CONFIGS = [
@@ -214,13 +217,23 @@ def test_validate_run_config_accepts_shipped_config():
     ("train", dict(log_every=0), "train.log_every"),
     ("eval", dict(beam_size=0), "eval.beam_size"),
     ("model", dict(load_balancing_weight=-1.0), "model.load_balancing_weight"),
-    ("data", dict(num_train=0), "data.num_train"),
   ],
 )
 def test_validate_run_config_names_the_bad_field(section, overrides, field):
   """Out-of-range or wrongly typed run settings raise ConfigError naming the dotted field."""
   with pytest.raises(ConfigError, match=f"^{re.escape(field)}:"):
     validate_run_config(_run_config(section, **overrides))
+
+
+@pytest.mark.parametrize(
+  "overrides,field",
+  [(dict(num_train=0), "data.num_train"), (dict(seed=-1), "data.seed"), (dict(dir="x"), "data.dir")],
+)
+def test_dates_data_settings_are_checked_by_its_loader(overrides, field):
+  data_config = configs.tmoe.get_config().data
+  data_config.update(overrides)
+  with pytest.raises(ConfigError, match=f"^{re.escape(field)}:"):
+    load_seq2seq_data(data_config)
 
 
 def test_validate_run_config_names_a_missing_field():

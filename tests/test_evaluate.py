@@ -81,8 +81,8 @@ def test_translate_matches_decoding_the_padded_evaluation_batch(trained):
   assert run.translate(test.sources[:5]) == expected[:5]
   assert run.translate(test.sources) == expected  # 24 texts: batches of 16 and 8
   assert run.translate([]) == []
-  too_long = "x" * (run.max_source_chars + 1)
-  with pytest.raises(DataError, match=r"texts\[1\] 'xxx.*: 30 characters; this model reads at most 29"):
+  too_long = "x" * run.max_source_length
+  with pytest.raises(DataError, match=r"texts\[1\] 'xxx.*: 31 tokens with EOS; this model reads at most 30"):
     run.translate(["3/3/98", too_long])
 
 
@@ -251,8 +251,8 @@ def test_translate_cli_names_a_line_that_is_too_long_and_exits_2(trained):
   )
   assert result.returncode == 2, result.stderr
   assert (
-    "error: line 2 'Wednesday, 31st of December 1999 AD': 35 characters, longer than the model's "
-    "maximum source length of 29 characters" in result.stderr
+    "error: line 2 'Wednesday, 31st of December 1999 AD': 36 tokens with EOS, longer than the model's "
+    "maximum source length of 30" in result.stderr
   )
   assert "Traceback" not in result.stderr
   assert result.stdout == ""

@@ -277,9 +277,6 @@ MOE_LOSS_FIELDS: tuple[FieldRule, ...] = (
 SEQ2SEQ_FIELDS: tuple[FieldRule, ...] = (
   ("train.label_smoothing", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
   ("eval.beam_size", int, lambda v: v >= 1, ">= 1 (1 = greedy)"),
-  ("data.seed", int, lambda v: v >= 0, ">= 0"),
-  ("data.num_train", int, lambda v: v >= 1, ">= 1"),
-  ("data.num_test", int, lambda v: v >= 1, ">= 1"),
 )
 
 
@@ -292,12 +289,19 @@ def _lookup(config, dotted: str):
   return node
 
 
-def validate_fields(config, rules: tuple[FieldRule, ...]) -> None:
-  """Checks each (field, type, condition, description) rule; ConfigError names the first bad field."""
+def validate_fields(config, rules: tuple[FieldRule, ...], *, section: str = "") -> None:
+  """Checks each (field, type, condition, description) rule; ConfigError names the first bad field.
+
+  `section`: the name of `config` inside the run config (e.g. "data"), prefixed to field names in errors.
+  """
   for field, types, condition, description in rules:
-    value = _lookup(config, field)
-    require_type(value, types, field)
-    require(condition(value), field, f"must be {description}, got {value!r}")
+    name = f"{section}.{field}" if section else field
+    try:
+      value = _lookup(config, field)
+    except ConfigError:
+      raise ConfigError(f"{name}: missing from the config") from None
+    require_type(value, types, name)
+    require(condition(value), name, f"must be {description}, got {value!r}")
 
 
 def validate_run_config(config) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from tmoe_jax.config import TRAIN_LOOP_FIELDS, validate_fields
+from tmoe_jax.data.subword import SubwordVocabulary
 from tmoe_jax.data.vocabulary import CharVocabulary
 from tmoe_jax.errors import ConfigError, DataError, WorkdirError
 from tmoe_jax.training import checkpointing, runner
@@ -152,7 +153,7 @@ class LoadedRun:
 
   config: the run's resolved config (locked), with any eval overrides applied.
   model: the Transformer with the checkpoint's parameters and non-parameter state.
-  vocabulary: the character vocabulary the model's token ids refer to.
+  vocabulary: the vocabulary (characters or subwords) the model's token ids refer to.
   step: the training step of the restored checkpoint.
   max_source_length / max_target_length: the padded lengths (EOS included) the
     model was trained on; `translate` pads sources to, and decodes up to, them.
@@ -160,21 +161,20 @@ class LoadedRun:
 
   config: ml_collections.ConfigDict
   model: Transformer
-  vocabulary: CharVocabulary
+  vocabulary: CharVocabulary | SubwordVocabulary
   step: int
   max_source_length: int
   max_target_length: int
   _decode: Callable = dataclasses.field(repr=False, compare=False)
 
-  @property
-  def max_source_chars(self) -> int:
-    """The longest text `translate` accepts: one id per character, plus EOS."""
-    return self.max_source_length - 1
+  def source_length(self, text: str) -> int:
+    """How many ids `text` encodes to, EOS included; `translate` accepts up to `max_source_length`."""
+    return len(self.vocabulary.encode(text))
 
   def translate(self, texts: Sequence[str]) -> list[str]:
     """Decodes each text (greedy, or beam search when config.eval.beam_size > 1); one output per input.
 
-    Raises DataError naming the first text longer than `max_source_chars`.
+    Raises DataError naming the first text longer than `max_source_length` ids.
     """
     if isinstance(texts, str):
       raise DataError("translate takes a list of strings, not one str")
@@ -182,10 +182,11 @@ class LoadedRun:
     for index, text in enumerate(texts):
       if not isinstance(text, str):
         raise DataError(f"texts[{index}]: expected str, got {type(text).__name__}")
-      if len(text) > self.max_source_chars:
+      length = self.source_length(text)
+      if length > self.max_source_length:
         raise DataError(
-          f"texts[{index}] {text[:60]!r}: {len(text)} characters; this model reads at most "
-          f"{self.max_source_chars}"
+          f"texts[{index}] {text[:60]!r}: {length} tokens with EOS; this model reads at most "
+          f"{self.max_source_length}"
         )
     if not texts:
       return []

@@ -20,14 +20,14 @@ def check_lines(lines: list[str], run) -> None:
   from tmoe_jax.errors import DataError
 
   for number, line in enumerate(lines, start=1):
-    if len(line) > run.max_source_chars:
+    length = run.source_length(line)
+    if length > run.max_source_length:
       raise DataError(
-        f"line {number} {line[:60]!r}: {len(line)} characters, longer than the model's maximum source "
-        f"length of {run.max_source_chars} characters"
+        f"line {number} {line[:60]!r}: {length} tokens with EOS, longer than the model's maximum source "
+        f"length of {run.max_source_length}"
       )
-    unknown = sorted(set(line) - set(run.vocabulary.characters))
-    if unknown:
-      sys.stderr.write(f"warning: line {number}: characters not in the vocabulary: {''.join(unknown)!r}\n")
+    if run.vocabulary.UNK_ID in run.vocabulary.encode(line):
+      sys.stderr.write(f"warning: line {number}: has characters the vocabulary does not know\n")
 
 
 def parse_args(argv: list[str]):

@@ -6,6 +6,7 @@ token accuracy of greedy or beam-search outputs against the references.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any
 
@@ -13,9 +14,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tmoe_jax.bleu import bleu_signature, corpus_bleu
 from tmoe_jax.config import MOE_LOSS_FIELDS, SEQ2SEQ_FIELDS, TransformerConfig, validate_fields
 from tmoe_jax.data import batching
-from tmoe_jax.data.seq2seq import Seq2SeqSplit, load_seq2seq_data, make_batch
+from tmoe_jax.data.seq2seq import Seq2SeqSplit, load_seq2seq_data, load_translation, make_batch
+from tmoe_jax.data.subword import SubwordVocabulary
 from tmoe_jax.errors import ConfigError, DataError, WorkdirError
 from tmoe_jax.training import reporting
 from tmoe_jax.training import seq2seq_steps as steps
@@ -24,6 +27,8 @@ from tmoe_jax.training.task import Task
 from tmoe_jax.transformer import Transformer
 
 VOCABULARY_FILE = "vocabulary.json"
+# Length-bucketed batches are cut to a multiple of this many positions.
+LENGTH_MULTIPLE = 16
 
 
 def build_model(config, vocab_size: int, seed: int, mesh=None) -> Transformer:
@@ -33,12 +38,22 @@ def build_model(config, vocab_size: int, seed: int, mesh=None) -> Transformer:
 
 
 def evaluate(
-  state: TrainState, split: Seq2SeqSplit, vocabulary, eval_config, *, num_examples=None, eval_fn, decode_fn
+  state: TrainState,
+  split: Seq2SeqSplit,
+  vocabulary,
+  eval_config,
+  *,
+  num_examples=None,
+  eval_fn,
+  decode_fn,
+  bleu: bool = False,
 ) -> dict[str, float]:
-  """Teacher-forced loss and token accuracy, and exact match / token accuracy of decoded outputs."""
+  """Teacher-forced loss and token accuracy, and exact match / token accuracy of decoded outputs;
+  with `bleu`, sacreBLEU of the detokenised outputs against the raw reference texts."""
   num_examples = len(split) if num_examples is None else min(num_examples, len(split))
   loss_sum = correct_forced = forced_tokens = 0.0
   exact = correct_decoded = target_tokens = 0
+  hypotheses = []
   for indices, num_valid in batching.sequential_batches(num_examples, eval_config.batch_size):
     batch = make_batch(split, indices, vocabulary.BOS_ID)
     # Padding rows repeat example 0: zero their targets so they add nothing to the sums.
@@ -53,7 +68,11 @@ def evaluate(
     exact += int(np.sum(np.all((decoded == targets) | ~valid, axis=1)))
     correct_decoded += int(np.sum((decoded == targets) & valid))
     target_tokens += int(np.sum(valid))
+    if bleu:
+      hypotheses.extend(vocabulary.decode(row) for row in decoded)
+  scores = {"bleu": corpus_bleu(hypotheses, split.targets[:num_examples])} if bleu else {}
   return {
+    **scores,
     "loss": loss_sum / max(forced_tokens, 1.0),
     "teacher_forced_accuracy": correct_forced / max(forced_tokens, 1.0),
     "exact_match": exact / max(num_examples, 1),
@@ -76,6 +95,9 @@ class Seq2SeqTask(Task):
     if config.data.tfds_data_dir:
       raise ConfigError(f"data.tfds_data_dir: task {config.data.name!r} is generated in code; leave it empty")
     self.data = load_seq2seq_data(config.data)
+    # Translation is scored by BLEU; the embedded dates task by exact match.
+    self.is_translation = isinstance(self.data.vocabulary, SubwordVocabulary)
+    self.eval_split = config.eval.get("split", "test")
 
   def build_model(self, mesh) -> Transformer:
     return build_model(self.config, self.data.vocabulary.size, self.config.train.seed, mesh=mesh)
@@ -94,21 +116,46 @@ class Seq2SeqTask(Task):
     path = workdir / VOCABULARY_FILE
     if not path.is_file():
       raise WorkdirError(f"{path}: missing; was this workdir written by `python -m train`?")
+    vocabulary_type = type(self.data.vocabulary)
     try:
-      saved = type(self.data.vocabulary).from_json(path.read_text())
+      saved = vocabulary_type.from_json(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
       raise WorkdirError(f"{path}: cannot read the vocabulary ({error})") from error
-    if saved != self.data.vocabulary:
-      raise WorkdirError(
-        f"the data built from config.data has another vocabulary than {path} "
-        f"({self.data.vocabulary.size} vs {saved.size} ids): has the data changed since training?"
-      )
+    if saved == self.data.vocabulary:
+      return
+    if isinstance(saved, SubwordVocabulary):
+      # A learned vocabulary: the saved one defines the ids the checkpoint was trained with.
+      self.data = load_translation(self.config.data, vocabulary=saved)
+      return
+    raise WorkdirError(
+      f"the data built from config.data has another vocabulary than {path} "
+      f"({self.data.vocabulary.size} vs {saved.size} ids): has the data changed since training?"
+    )
 
   def train_batch(self, step: int, rows: slice) -> dict[str, np.ndarray]:
     train = self.data.splits["train"]
     train_config = self.config.train
-    indices = batching.example_indices(len(train), train_config.batch_size, train_config.seed, step)
-    return make_batch(train, indices[rows], self.data.vocabulary.BOS_ID)
+    if not self.config.data.get("bucket_by_length", False):
+      indices = batching.example_indices(len(train), train_config.batch_size, train_config.seed, step)
+      return make_batch(train, indices[rows], self.data.vocabulary.BOS_ID)
+    indices = batching.length_bucketed_indices(
+      self._train_lengths, train_config.batch_size, train_config.seed, step
+    )
+    batch = make_batch(train, indices, self.data.vocabulary.BOS_ID)
+    # Cut the global batch to its longest sequence, rounded up so that only a few shapes compile.
+    longest = int(self._train_lengths[indices].max())
+    length = min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, self.data.max_source_length)
+    return {
+      "source": batch["source"][rows, :length],
+      "decoder_input": batch["decoder_input"][rows, : min(length, self.data.max_target_length)],
+      "target": batch["target"][rows, : min(length, self.data.max_target_length)],
+    }
+
+  @functools.cached_property
+  def _train_lengths(self) -> np.ndarray:
+    """int64 [N]: the longer of each training pair's source and target, in ids."""
+    train = self.data.splits["train"]
+    return np.maximum(np.sum(train.source_ids_NxS != 0, 1), np.sum(train.target_ids_NxL != 0, 1))
 
   def count_units(self, batch) -> int:
     return int(np.sum(batch["source"] != 0) + np.sum(batch["target"] != 0))
@@ -133,7 +180,7 @@ class Seq2SeqTask(Task):
         raise DataError(
           f"--split: unknown split {split!r}; data {self.config.data.name!r} has {sorted(self.data.splits)}"
         )
-      return evaluate(
+      return {"split": split} | evaluate(
         state,
         self.data.splits[split],
         vocabulary,
@@ -141,12 +188,19 @@ class Seq2SeqTask(Task):
         num_examples=num_examples,
         eval_fn=eval_fn,
         decode_fn=decode_fn,
+        bleu=self.is_translation,
       )
 
     return evaluator
 
   def headline_results(self, evaluation: dict[str, Any]) -> dict[str, Any]:
+    bleu = (
+      {"bleu": evaluation["bleu"], "bleu_split": evaluation["split"], "bleu_signature": bleu_signature()}
+      if "bleu" in evaluation
+      else {}
+    )
     return {
+      **bleu,
       "exact_match": evaluation["exact_match"],
       "token_accuracy": evaluation["token_accuracy"],
       "test_loss": evaluation["loss"],
