@@ -44,3 +44,11 @@ def mesh_section(data: int = -1, expert: int = 1) -> ml_collections.ConfigDict:
   mesh.data = data
   mesh.expert = expert
   return mesh
+
+
+def distributed_section() -> ml_collections.ConfigDict:
+  """Multi-process settings (`tmoe_jax.parallel.distributed`); all unset = one process, or
+  whatever the cluster's environment (SLURM, Open MPI, Cloud TPU, JAX_* variables) says."""
+  from tmoe_jax.parallel import distributed
+
+  return distributed.default_config()

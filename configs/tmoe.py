@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     length_penalty=0.6,
   )
   config.mesh = common.mesh_section()
+  config.distributed = common.distributed_section()
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "dates"

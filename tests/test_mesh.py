@@ -41,13 +41,20 @@ def test_mesh_over_a_subset_of_devices():
   assert {d.id for d in mesh.devices.flat} == {d.id for d in devices}
 
 
+@pytest.mark.parametrize("data, expert", [(1, 1), (2, 2), (1, 4)])
+def test_explicit_sizes_below_the_device_count_use_the_first_devices(data, expert):
+  mesh = make_mesh(data, expert)
+  assert dict(mesh.shape) == {"data": data, "expert": expert}
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()[: data * expert]]
+
+
 @pytest.mark.parametrize(
   "data, expert, field, message",
   [
-    (3, 1, "mesh.data", "must divide the number of devices (8), got 3"),
-    (1, 3, "mesh.expert", "must divide the number of devices (8), got 3"),
+    (3, -1, "mesh.data", "must divide the number of devices (8), got 3"),
+    (-1, 3, "mesh.expert", "must divide the number of devices (8), got 3"),
     (-1, 5, "mesh.expert", "must divide"),
-    (2, 2, "mesh.data", "2 * 2 = 4 must equal the number of devices (8)"),
+    (4, 4, "mesh.data", "4 * 4 = 16 must equal the number of devices (8)"),
     (-1, -1, "mesh.data", "at most one"),
     (0, 8, "mesh.data", "must be >= 1"),
     (8, -2, "mesh.expert", "must be >= 1"),

@@ -45,6 +45,7 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
   from tmoe_jax.errors import TmoeError  # imported late so flag errors come fast
+  from tmoe_jax.parallel import distributed
   from tmoe_jax.training.runner import run
 
   # Orbax logs every save step at INFO; keep the terminal for the progress bar.
@@ -57,6 +58,9 @@ def main(argv):
   except _CONFIG_OVERRIDE_ERRORS as error:
     _fail(_override_error_message(error))
   try:
+    # Joins the other processes of a multi-host run (config `distributed` section or the
+    # cluster's environment) before anything touches a device; a no-op on one machine.
+    distributed.initialize(config.get("distributed"))
     run(config, workdir)
   except TmoeError as error:
     _fail(error)

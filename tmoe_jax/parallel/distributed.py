@@ -53,7 +53,7 @@ _OMPI_VARIABLES = ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `distributed` config section, every field unset: single process unless the environment says otherwise."""
+  """The `distributed` config section, every field unset: the environment decides (default: one process)."""
   config = ml_collections.ConfigDict()
   # "host:port" of process 0, where it starts the coordination service; "" = not set.
   config.coordinator_address = ""
@@ -122,7 +122,7 @@ def _missing_of(values: Mapping[str, bool]) -> str:
 
 
 def _from_environment(environ: Mapping[str, str]) -> tuple[str, int, int] | None:
-  """(address, num_processes, process_id) from the JAX_* variables, or None when the count and id are unset."""
+  """(address, num_processes, process_id) from the JAX_* variables; None when count and id are unset."""
   address = environ.get(COORDINATOR_ADDRESS_ENV, "")
   is_set = {
     COORDINATOR_ADDRESS_ENV: bool(address),
@@ -236,8 +236,11 @@ def initialize(distributed_config=None) -> bool:
   Call it first thing, before anything asks JAX for devices (jax.devices(), a jit,
   a device_put): the backend is built once and only then learns of the other
   processes. Raises ConfigError naming the bad or missing setting; JAX raises
-  RuntimeError if a backend already exists.
+  RuntimeError if a backend already exists. Once joined, a process stays in its
+  group: later calls return True and change nothing.
   """
+  if jax.distributed.is_initialized():
+    return True
   args = resolve(distributed_config, os.environ, _running_on_cloud_tpu_vm())
   if args is None:
     return False

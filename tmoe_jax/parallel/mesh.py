@@ -50,19 +50,40 @@ def resolve_mesh_shape(data: int, expert: int, num_devices: int) -> tuple[int, i
   return data, expert
 
 
+def _is_size(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def make_mesh(data: int = -1, expert: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'expert') mesh over `devices` (default: all); the default is pure data parallelism.
+
+  Explicit sizes whose product is smaller than the number of devices use the first
+  data * expert of them (single-process runs only), e.g. (1, 1) runs on one device.
 
   Axis types are Auto (the `jax.sharding.Mesh` default), so jit propagates
   shardings as usual; `jax.make_mesh` would make them Explicit.
   """
   devices = list(jax.devices() if devices is None else devices)
+  if _is_size(data) and _is_size(expert) and data * expert < len(devices):
+    # Explicit sizes that ask for fewer devices than there are: use the first data * expert.
+    if jax.process_count() > 1:
+      raise ConfigError(
+        f"mesh.data: mesh.data * mesh.expert = {data * expert} devices, but a multi-process run must "
+        f"use all {len(devices)}; set one of them to -1"
+      )
+    devices = devices[: data * expert]
   shape = resolve_mesh_shape(data, expert, len(devices))
-  # create_device_mesh orders devices by physical topology on TPU; on CPU/GPU it is a reshape.
-  try:
-    device_grid = mesh_utils.create_device_mesh(shape, devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    device_grid = np.asarray(devices, dtype=object).reshape(shape)
+  if jax.process_count() > 1:
+    # Process-major order: each process's devices hold one contiguous block of batch rows,
+    # the rows it loads (`distributed.global_batch`). create_device_mesh may interleave them.
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    device_grid = np.asarray(ordered, dtype=object).reshape(shape)
+  else:
+    # create_device_mesh orders devices by physical topology on TPU; on CPU/GPU it is a reshape.
+    try:
+      device_grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      device_grid = np.asarray(devices, dtype=object).reshape(shape)
   return Mesh(device_grid, MESH_AXES)
 
 
