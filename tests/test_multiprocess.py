@@ -30,6 +30,8 @@ from tmoe_jax.parallel.sharding import batch_sharding
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = pathlib.Path(worker.__file__).resolve()
 _WORKER_TIMEOUT_S = 100
+# A whole `python -m train` run (start-up, compiles, training, evaluation) on a loaded 2-core machine.
+_RUN_TIMEOUT_S = 300
 _NO_ENV: dict[str, str] = {}
 _GROUP_VARIABLE_PREFIXES = (
   "SLURM_",
@@ -292,3 +294,79 @@ def test_environment_variables_form_the_process_group(tmp_path):
   assert result["initialize_again"] is True
   # Devices alternating between processes would scatter each process's rows: refused.
   assert "order the mesh's devices by process" in result["interleaved_mesh_error"]
+
+
+_TINY_RUN = [
+  "--config.model.d_model=32",
+  "--config.model.num_heads=2",
+  "--config.model.d_ff=32",
+  "--config.model.num_layers=1",
+  "--config.model.num_decoder_layers=1",
+  "--config.model.moe_every=1",
+  "--config.model.capacity_factor=2.0",  # = num_experts / top_k: nothing dropped, on any mesh
+  "--config.data.num_train=256",
+  "--config.data.num_test=16",
+  "--config.train.batch_size=8",
+  "--config.train.num_steps=4",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=0",
+  "--config.train.checkpoint_every=2",
+  "--config.train.progress_bar=False",
+  "--config.eval.batch_size=16",
+  "--config.mesh.data=1",
+  "--config.mesh.expert=4",
+]
+
+
+def test_the_training_command_runs_as_two_processes_like_one(tmp_path):
+  """`python -m train` on two processes (2 devices each) with expert parallelism across them:
+  the same losses and results as one process with 4 devices; only process 0 writes files."""
+  env = _worker_environment()
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  single = subprocess.run(
+    [sys.executable, "-m", "train", *_TINY_RUN, "--workdir", str(tmp_path / "one")],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=_RUN_TIMEOUT_S,
+  )
+  assert single.returncode == 0, single.stderr[-3000:]
+  address = f"localhost:{_free_port()}"
+  processes = []
+  try:
+    for i in range(2):
+      env = _worker_environment()
+      env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+      command = [sys.executable, "-m", "train", *_TINY_RUN, "--workdir", str(tmp_path / "two")]
+      with open(tmp_path / f"process-{i}.log", "w") as log:
+        processes.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + _RUN_TIMEOUT_S
+    # A process that fails leaves the other waiting in a collective: stop at the first failure.
+    while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+      if any(p.poll() not in (None, 0) for p in processes):
+        break
+      time.sleep(0.2)
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()  # SIGKILL: JAX's preemption notifier catches SIGTERM
+      p.wait()
+  logs = "\n".join((tmp_path / f"process-{i}.log").read_text()[-2000:] for i in range(2))
+  assert [p.returncode for p in processes] == [0, 0], logs
+
+  def train_losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if row["split"] == "train"]
+
+  np.testing.assert_allclose(train_losses(tmp_path / "two"), train_losses(tmp_path / "one"), rtol=1e-5)
+  assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["2", "4"]
+  results = {
+    name: dict(line.split(": ", 1) for line in (tmp_path / name / "results.txt").read_text().splitlines())
+    for name in ("one", "two")
+  }
+  np.testing.assert_allclose(
+    float(results["two"]["test_loss"]), float(results["one"]["test_loss"]), rtol=1e-5
+  )
+  # Process 1 printed no results: only the main process reports.
+  assert "results (" not in (tmp_path / "process-1.log").read_text()

@@ -25,10 +25,11 @@ from typing import Any
 
 import jax
 import tqdm
+from flax import nnx
 
 from tmoe_jax.config import TRAIN_LOOP_FIELDS, validate_fields
 from tmoe_jax.errors import TmoeError
-from tmoe_jax.parallel import distributed
+from tmoe_jax.parallel import distributed, sharding
 from tmoe_jax.parallel.mesh import check_batch_divisible, make_mesh
 from tmoe_jax.parallel.sharding import train_state_shardings
 from tmoe_jax.training import checkpointing, reporting, steps
@@ -47,6 +48,24 @@ class TrainingDivergedError(TmoeError):
 _DIVERGENCE_METRICS = ("is_finite", "loss", "aux_loss", "grad_norm")
 # Unchecked steps are checked anyway once this many pile up (a huge log_every, no checkpoints).
 _MAX_UNCHECKED_STEPS = 256
+
+
+def evaluation_view(task: Task, graphdef, mesh):
+  """(graphdef, state -> state) that tasks evaluate with.
+
+  On one process: the training model and state as they are. Across processes, arrays
+  sharded over other hosts cannot be read back, so every process evaluates its own
+  full copy of the state (gathered once per evaluation) with the single-device model.
+  """
+  if jax.process_count() == 1:
+    return graphdef, lambda state: state
+  local_graphdef = nnx.graphdef(nnx.eval_shape(lambda: task.build_model(None)))
+  gather = jax.jit(lambda state: state, out_shardings=sharding.replicated(mesh))
+
+  def local_copy(state: TrainState) -> TrainState:
+    return jax.tree.map(lambda x: x.addressable_data(0), gather(state))
+
+  return local_graphdef, local_copy
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[str, Any]:
@@ -91,7 +110,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
     train_step = steps.jit_train_step(
       graphdef, optimizer, schedule, loss_weights, task.loss, state_shardings=state_shardings, mesh=mesh
     )
-    evaluator = task.make_evaluator(graphdef)
+    eval_graphdef, eval_state = evaluation_view(task, graphdef, mesh)
+    evaluator = task.make_evaluator(eval_graphdef)
     writer = reporting.MetricsWriter(workdir, resume_step=start_step) if is_main else None
     write_row = writer.write if writer else lambda row: None
     units_name = f"{task.throughput_unit}_per_second"
@@ -155,7 +175,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
       progress.set_postfix(loss=f"{row['loss']:.4f}", per_s=f"{row[units_name]:.0f}")
 
     def evaluate(num_examples: int | None) -> dict[str, Any]:
-      return evaluator(state, task.eval_split, num_examples)
+      return evaluator(eval_state(state), task.eval_split, num_examples)
 
     progress = tqdm.tqdm(
       total=train_config.num_steps,
@@ -178,8 +198,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
           pending = (done, metrics)
           if len(unchecked) > _MAX_UNCHECKED_STEPS:
             check_finite(done - 1)
-          if is_main:
-            task.after_train_step(done, state, batch)
+          task.after_train_step(done, state, batch)
           train_seconds += time.perf_counter() - step_start
           progress.update(1)
           if (

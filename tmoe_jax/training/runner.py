@@ -6,6 +6,7 @@ import pathlib
 from typing import Any
 
 from tmoe_jax.errors import ConfigError
+from tmoe_jax.parallel import distributed
 from tmoe_jax.training import loop
 from tmoe_jax.training.task import Task
 
@@ -26,6 +27,8 @@ def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
 
 def run(config, workdir: str) -> dict[str, Any]:
   results = train(config, workdir)
+  if not distributed.is_main_process():
+    return results
   print(f"results ({workdir}/results.txt):")
   for name, value in results.items():
     print(f"  {name}: {value}")

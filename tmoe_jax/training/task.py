@@ -72,7 +72,10 @@ class Task(abc.ABC):
     when they are missing or disagree with the data."""
 
   def after_train_step(self, step: int, state: TrainState, batch: dict[str, np.ndarray]) -> None:
-    """Called on the main process after each step with the new state (e.g. to log gate activations)."""
+    """Called after each step with the new state and this process's rows of the batch (e.g. to log
+    gate activations). In a multi-process run it is called on every process, since a jitted
+    computation over the global state needs all of them; write files only where
+    `distributed.is_main_process()`."""
 
   def finish(self, workdir: pathlib.Path, state: TrainState, graphdef: nnx.GraphDef) -> None:
     """Called once on the main process after the final evaluation (plots, extra files)."""
