@@ -23,11 +23,13 @@ from absl.testing import parameterized
 from flax import nnx
 
 from tmoe_jax.feedforward import FeedForward
+from tmoe_jax.moe.routing import top_k_route
 from tmoe_jax.moe.smoe import (
   DropoutMasks,
   SingleMixtureOfExperts,
   draw_dropout_masks,
   masked_ffn,
+  sample_then_argmax_route,
 )
 
 D, F, M = 6, 16, 4
@@ -369,3 +371,150 @@ def test_masks_survive_split_merge_and_orbax_round_trip(tmp_path):
   assert isinstance(nnx.state(restored_model, DropoutMasks)["masks_MxF"], DropoutMasks)
   chex.assert_trees_all_equal(restored_model.masks_MxF[...], layer.masks_MxF[...])
   chex.assert_trees_all_equal(_apply(restored_model, x), _apply(layer, x))
+
+
+# ---------------------------------------------------------------------------
+# Mask scaling by each mask's realised keep share (the original sMoE).
+
+
+def test_mask_mean_scaling_matches_reference_loop():
+  layer = _layer(keep_rate=0.5, mask_scaling="mask_mean")
+  masks = np.asarray(layer.masks_MxF[...], np.float64)
+  assert len(set(masks.mean(-1).tolist())) > 1  # the realised shares differ, so the test can tell
+  x = _x()
+  y, _ = _apply(layer, x)
+  router = np.asarray(layer.router.kernel[...], np.float64)
+  weights = [
+    np.asarray(v[...], np.float64)
+    for v in (layer.hidden.kernel, layer.hidden.bias, layer.output.kernel, layer.output.bias)
+  ]
+  expected = np.zeros(x.shape)
+  for b in range(x.shape[0]):
+    for l in range(x.shape[1]):
+      probs = _softmax(np.asarray(x[b, l], np.float64) @ router)
+      m = int(np.argmax(probs))
+      hidden = np.maximum(np.asarray(x[b, l], np.float64) @ weights[0] + weights[1], 0.0)
+      hidden = hidden * masks[m] / masks[m].mean()
+      expected[b, l] = probs[m] * (hidden @ weights[2] + weights[3])
+  chex.assert_trees_all_close(y, expected.astype(np.float32), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# The sample-then-argmax selection schedule.
+
+
+def test_sample_then_argmax_route_follows_router_probabilities():
+  probs_M = np.array([0.5, 0.3, 0.15, 0.05])
+  num_units = 20_000
+  logits_NxM = jnp.broadcast_to(jnp.log(jnp.asarray(probs_M, jnp.float32)), (num_units, 4))
+  route = jax.jit(sample_then_argmax_route)(logits_NxM, jax.random.key(0), jnp.array(True))
+  chosen = np.asarray(route.expert_indices_TxK[:, 0])
+  frequency_M = np.bincount(chosen, minlength=4) / num_units
+  # Binomial standard error sqrt(p (1 - p) / N) <= 0.0036: 5 sigma.
+  tolerance_M = 5 * np.sqrt(probs_M * (1 - probs_M) / num_units)
+  assert np.all(np.abs(frequency_M - probs_M) <= tolerance_M), (frequency_M, probs_M)
+  # The gate is the probability of the mask actually drawn, not of the argmax.
+  np.testing.assert_allclose(np.asarray(route.gates_TxK[:, 0]), probs_M[chosen], rtol=1e-5)
+
+
+def test_sample_then_argmax_route_without_sampling_is_argmax():
+  logits_NxM = jax.random.normal(jax.random.key(1), (50, M)) * 3.0
+  route = sample_then_argmax_route(logits_NxM, jax.random.key(2), jnp.array(False))
+  chex.assert_trees_all_equal(route, top_k_route(logits_NxM, 1))
+
+
+PROBS_M = np.array([0.4, 0.3, 0.2, 0.1])
+
+
+def _sampling_layer(per_sequence=False, sample_steps=10):
+  layer = _layer(per_sequence=per_sequence, selection="sample_then_argmax", sample_steps=sample_steps)
+  # Input unit vector e_0 gets router probabilities PROBS_M: argmax would always pick mask 0.
+  layer.router.kernel[...] = layer.router.kernel[...].at[0].set(jnp.log(jnp.asarray(PROBS_M, jnp.float32)))
+  return layer
+
+
+def _e0(batch, length):
+  return jnp.zeros((batch, length, D)).at[..., 0].set(1.0)
+
+
+@nnx.jit
+def _train_call(layer, x_BxLxD, step, key):
+  return layer(x_BxLxD, deterministic=False, rngs=nnx.Rngs(dropout=key), step=step)
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_sampling_frequencies_follow_router_before_the_switch_step(per_sequence):
+  layer = _sampling_layer(per_sequence=per_sequence)
+  # 4000 routing units: tokens, or sequences of 2 tokens.
+  x = _e0(4000, 2) if per_sequence else _e0(400, 10)
+  y, aux = _train_call(layer, x, jnp.int32(9), jax.random.key(3))
+  # Binomial standard error sqrt(p (1 - p) / N) <= 0.008: 5 sigma.
+  tolerance_M = 5 * np.sqrt(PROBS_M * (1 - PROBS_M) / 4000)
+  frequency_M = np.asarray(aux.expert_fraction_E)
+  assert np.all(np.abs(frequency_M - PROBS_M) <= tolerance_M), frequency_M
+  # Each unit's output is its drawn mask's FFN scaled by that mask's probability.
+  weights = [
+    layer.hidden.kernel[...],
+    layer.hidden.bias[...],
+    layer.output.kernel[...],
+    layer.output.bias[...],
+  ]
+  per_mask_MxD = np.stack(
+    [
+      PROBS_M[m] * reference_masked_ffn(x[0, :1], [m], layer.masks_MxF[...], *weights, "relu", 0.5)[0]
+      for m in range(M)
+    ]
+  )
+  errors_TxM = np.abs(np.asarray(y).reshape(-1, 1, D) - per_mask_MxD[None]).max(-1)
+  assert errors_TxM.min(-1).max() < 1e-4
+  chosen_T = errors_TxM.argmin(-1)
+  np.testing.assert_allclose(np.bincount(chosen_T, minlength=M) / len(chosen_T), frequency_M, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_from_the_switch_step_on_and_in_evaluation_the_choice_is_argmax(per_sequence):
+  layer = _sampling_layer(per_sequence=per_sequence)
+  gated = _layer(per_sequence=per_sequence)
+  nnx.update(gated, nnx.state(layer))  # same weights and masks, gated_top1 selection
+  for x in (_x(), _e0(4, 5)):
+    expected = _apply(gated, x)
+    for step in (10, 11, 5000):
+      chex.assert_trees_all_close(
+        _train_call(layer, x, jnp.int32(step), jax.random.key(step)), expected, rtol=1e-6, atol=1e-6
+      )
+    # Evaluation never samples, whatever the step.
+    chex.assert_trees_all_close(layer(x, deterministic=True, step=0), expected, rtol=1e-6, atol=1e-6)
+  # Before the switch, sampling moves some of the e_0 units off the argmax mask 0.
+  _, aux = _train_call(layer, _e0(4, 5), jnp.int32(9), jax.random.key(4))
+  assert float(aux.expert_fraction_E[0]) < 1.0
+  chex.assert_trees_all_close(expected[1].expert_fraction_E, jnp.array([1.0, 0, 0, 0]))
+
+
+def test_sampling_training_call_needs_rngs_and_step():
+  layer = _sampling_layer()
+  with pytest.raises(ValueError, match="needs `rngs` and `step`"):
+    layer(_x(), deterministic=False, step=0)
+  with pytest.raises(ValueError, match="needs `rngs` and `step`"):
+    layer(_x(), deterministic=False, rngs=nnx.Rngs(dropout=0))
+
+
+@pytest.mark.parametrize("kwargs", [{"selection": "sample"}, {"mask_scaling": "mean"}, {"sample_steps": -1}])
+def test_rejects_unknown_selection_scaling_and_negative_sample_steps(kwargs):
+  with pytest.raises(ValueError):
+    _layer(**kwargs)
+
+
+def test_smoe_needs_no_expert_count_divisible_by_the_expert_axis():
+  """sMoE has no expert-sharded weights, so any number of masks works on any mesh."""
+  import configs.tmoe
+  from tmoe_jax.config import TransformerConfig
+  from tmoe_jax.errors import ConfigError
+  from tmoe_jax.parallel.mesh import make_mesh
+
+  model_config = configs.tmoe.get_config().model
+  model_config.update(num_experts=3, top_k=1, moe_layer="smoe")
+  mesh = make_mesh(2, 4)
+  assert TransformerConfig.from_config(model_config, vocab_size=12, mesh=mesh).num_experts == 3
+  model_config.moe_layer = "sparse"
+  with pytest.raises(ConfigError, match="model.num_experts: must be divisible by mesh.expert=4"):
+    TransformerConfig.from_config(model_config, vocab_size=12, mesh=mesh)

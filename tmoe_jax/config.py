@@ -213,7 +213,11 @@ class TransformerConfig:
   def moe(self) -> MoEConfig:
     # The model section is flat (model.num_experts, ...): every MoEConfig field is
     # also a TransformerConfig field of the same name.
-    return MoEConfig(**{field.name: getattr(self, field.name) for field in dataclasses.fields(MoEConfig)})
+    values = {field.name: getattr(self, field.name) for field in dataclasses.fields(MoEConfig)}
+    if self.moe_layer == "smoe":
+      # sMoE's "experts" are masks over one replicated FFN: nothing to split over 'expert'.
+      values["mesh"] = None
+    return MoEConfig(**values)
 
   def is_moe_layer(self, layer_index: int) -> bool:
     """Every `moe_every`-th feed-forward block is MoE (Switch/GShard); 0 = none."""

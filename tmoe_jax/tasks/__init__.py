@@ -1,5 +1,11 @@
 """Experiments as `training.task.Task`s, by `config.task` name."""
 
+from tmoe_jax.tasks.language_model import LanguageModelTask
+from tmoe_jax.tasks.regression import RegressionTask
 from tmoe_jax.tasks.seq2seq import Seq2SeqTask
 
-TASKS = {"seq2seq": Seq2SeqTask}
+TASKS = {
+  "seq2seq": Seq2SeqTask,
+  "regression": RegressionTask,
+  "language_model": LanguageModelTask,
+}
