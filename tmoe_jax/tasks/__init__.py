@@ -2,10 +2,12 @@
 
 from tmoe_jax.tasks.language_model import LanguageModelTask
 from tmoe_jax.tasks.regression import RegressionTask
+from tmoe_jax.tasks.sentence_pair import SentencePairTask
 from tmoe_jax.tasks.seq2seq import Seq2SeqTask
 
 TASKS = {
   "seq2seq": Seq2SeqTask,
   "regression": RegressionTask,
   "language_model": LanguageModelTask,
+  "sentence_pair": SentencePairTask,
 }
