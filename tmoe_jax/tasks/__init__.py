@@ -1,5 +1,6 @@
 """Experiments as `training.task.Task`s, by `config.task` name."""
 
+from tmoe_jax.tasks.image_classification import GuidedImageClassificationTask, ImageClassificationTask
 from tmoe_jax.tasks.language_model import LanguageModelTask
 from tmoe_jax.tasks.regression import RegressionTask
 from tmoe_jax.tasks.sentence_pair import SentencePairTask
@@ -10,4 +11,6 @@ TASKS = {
   "regression": RegressionTask,
   "language_model": LanguageModelTask,
   "sentence_pair": SentencePairTask,
+  "image_classification": ImageClassificationTask,
+  "guided_image_classification": GuidedImageClassificationTask,
 }
