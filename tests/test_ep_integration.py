@@ -105,3 +105,26 @@ def test_checkpoint_restores_into_the_sharded_layout(tmp_path):
   ]
   assert moments and all(m.sharding.spec == P("expert") for m in moments)
   chex.assert_trees_all_equal(nnx.to_pure_dict(restored.params), nnx.to_pure_dict(state.params))
+
+
+@pytest.mark.parametrize("data, expert", [(4, 2), (1, 1)])
+def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path, data, expert):
+  """Saved with experts split 4 ways; restored with 2-way expert parallelism or on one device."""
+  config = _config()
+  state, _ = _step(config, make_mesh(2, 4), sgd=False)
+  with checkpointing.make_manager(tmp_path / "ckpt", max_to_keep=1) as manager:
+    checkpointing.save(manager, state)
+  target_mesh = make_mesh(data, expert)
+  abstract = checkpointing.abstract_like(jax.device_put(state, train_state_shardings(state, target_mesh)))
+  with checkpointing.make_manager(tmp_path / "ckpt", max_to_keep=1) as manager:
+    restored = checkpointing.restore(manager, abstract)
+  expert_weights = [
+    leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(restored.params)
+    if "w_in_ExDxF" in jax.tree_util.keystr(path)
+  ]
+  assert expert_weights
+  for weight in expert_weights:
+    assert weight.sharding.mesh.shape == target_mesh.shape
+    assert len(weight.sharding.device_set) == data * expert
+  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
