@@ -33,8 +33,8 @@ from jax.sharding import PartitionSpec as P
 
 from tmoe_jax.feedforward import ACTIVATIONS
 from tmoe_jax.moe import assign_slots, combine_outputs, dispatch_tokens, top_k_route
-from tmoe_jax.moe.losses import load_balancing_loss, router_z_loss
 from tmoe_jax.moe.experts import mlp_experts
+from tmoe_jax.moe.losses import load_balancing_loss, router_z_loss
 from tmoe_jax.parallel.expert_parallel import bytes_moved_per_layer, expert_parallel_moe, local_capacity
 from tmoe_jax.parallel.mesh import make_mesh
 from tmoe_jax.parallel.sharding import batch_sharding, tree_shardings

@@ -1,0 +1,210 @@
+"""Smoke tests of the benchmarks in bench/: each main runs on tiny shapes and writes its JSON rows.
+
+Speed is measured by the benchmarks, never asserted here. What is checked: the
+documented JSON keys, the model-FLOP count against a count done by hand, the
+memory peak estimate's arithmetic, the plot file, and that the PyTorch layers
+compute what our JAX layers compute (skipped without torch).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bench import memory, moe_layer, plot_time_per_token, train_step, vs_pytorch
+from tmoe_jax.config import MoEConfig, TransformerConfig
+from tmoe_jax.moe.layer import MoEFeedForward
+
+TRAIN_STEP_KEYS = {
+  "size",
+  "backend",
+  "device_kind",
+  "dtype",
+  "dispatch",
+  "params",
+  "tokens_per_step",
+  "seconds",
+  "min_seconds",
+  "repeats",
+  "compile_seconds",
+  "tokens_per_second",
+  "flops_per_step",
+  "model_tflops_per_second",
+  "peak_flops",
+  "mfu",
+}
+MEMORY_KEYS = {
+  "step",
+  "variant",
+  "num_experts",
+  "tokens",
+  "params",
+  "argument_bytes",
+  "output_bytes",
+  "alias_bytes",
+  "temp_bytes",
+  "peak_bytes",
+  "measured_peak_bytes",
+}
+VS_PYTORCH_KEYS = {
+  "framework",
+  "layer",
+  "optimizer",
+  "num_experts",
+  "top_k",
+  "tokens",
+  "seconds",
+  "min_seconds",
+  "repeats",
+  "torch_loop_ratio",
+}
+
+
+def test_flops_match_a_hand_count():
+  # D=4, F=8, E=4, K=2, V=10, one encoder and one decoder layer, both MoE; B=1, S=2, L=3.
+  config = TransformerConfig(
+    vocab_size=10,
+    d_model=4,
+    num_heads=1,
+    num_layers=1,
+    num_decoder_layers=1,
+    d_ff=8,
+    num_experts=4,
+    top_k=2,
+    moe_every=1,
+    max_length=8,
+  )
+  moe = 4 * 4 + 2 * (2 * 4 * 8)  # router D*E + K experts of 2*D*F = 16 + 128 = 144 weights
+  source = 4 * 16 + moe + 2 * 16  # self-attention QKVO + MoE + decoder cross K, V = 240
+  target = 4 * 16 + 2 * 16 + moe + 4 * 10  # self QKVO + cross Q, O + MoE + logits D*V = 280
+  per_source_token = 6 * source + 12 * 2 * 4  # + attention over S=2 keys: 1536
+  per_target_token = 6 * target + 12 * (3 + 2) * 4  # + self (L=3) and cross (S=2) attention: 1920
+  assert 2 * per_source_token + 3 * per_target_token == 8832
+  assert train_step.train_flops_per_step(config, 1, 2, 3) == 8832
+  # Batch scales linearly; a dense FFN (moe_every=0) costs 2*D*F = 64 weights instead of 144.
+  assert train_step.train_flops_per_step(config, 3, 2, 3) == 3 * 8832
+  dense = TransformerConfig(**{**vars(config), "moe_every": 0})
+  assert train_step.train_flops_per_step(dense, 1, 2, 3) == 8832 - 6 * (144 - 64) * (2 + 3)
+
+
+def test_peak_flops_by_device_kind():
+  assert train_step.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert train_step.peak_flops("NVIDIA H200") == 989e12
+  assert train_step.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+  assert train_step.peak_flops("TPU v4") == 275e12
+  assert train_step.peak_flops("TPU v5 lite") == 197e12
+  assert train_step.peak_flops("cpu") is None
+
+
+def test_train_step_main_writes_rows(tmp_path):
+  path = tmp_path / "train_step.json"
+  assert train_step.main(["--sizes", "tiny", "--repeats", "2", "--json", str(path)]) == 0
+  (row,) = json.loads(path.read_text())
+  assert TRAIN_STEP_KEYS <= row.keys()
+  size = train_step.SIZES["tiny"]
+  config = train_step.transformer_config(size)
+  assert row["flops_per_step"] == train_step.train_flops_per_step(
+    config, size.batch_size, size.seq_len, size.seq_len
+  )
+  assert row["tokens_per_step"] == 2 * size.batch_size * size.seq_len
+  assert row["repeats"] == 2 and 0 < row["min_seconds"] <= row["seconds"]
+  assert row["tokens_per_second"] == pytest.approx(row["tokens_per_step"] / row["seconds"])
+  assert row["mfu"] is None and row["peak_flops"] is None  # CPU: no known peak
+
+
+def test_memory_main_writes_rows(tmp_path):
+  path = tmp_path / "memory.json"
+  argv = ["--num-experts", "2,4", "--tokens", "16", "--dispatch", "dense_ffn,capacity", "--size", "tiny"]
+  assert memory.main(argv + ["--json", str(path)]) == 0
+  rows = json.loads(path.read_text())
+  assert [(r["step"], r["variant"], r["num_experts"]) for r in rows] == [
+    ("moe_layer", "dense_ffn", 2),
+    ("moe_layer", "capacity", 2),
+    ("moe_layer", "capacity", 4),
+    ("train_step", "tiny", 2),
+    ("train_step", "tiny", 4),
+  ]
+  for row in rows:
+    assert MEMORY_KEYS <= row.keys()
+    assert (
+      row["peak_bytes"]
+      == row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + row["temp_bytes"]
+    )
+    assert row["measured_peak_bytes"] is None  # CPU keeps no memory statistics
+  layer_2, layer_4 = rows[1], rows[2]
+  # Parameters and both Adam moments are arguments: at least 3 float32 copies of the parameters.
+  assert layer_4["argument_bytes"] >= 3 * 4 * layer_4["params"]
+  assert layer_4["peak_bytes"] > layer_2["peak_bytes"]
+
+
+def test_plot_time_per_token(tmp_path):
+  rows = [
+    {"dispatch": dispatch, "num_experts": experts, "seconds": seconds, "fwd_bwd_seconds": seconds / 2}
+    for dispatch, experts, seconds in [
+      ("dense_ffn", 8, 0.8192),
+      ("dense_ffn", 16, 0.8192),
+      ("capacity", 16, 1.6384),
+      ("capacity", 8, 1.2288),
+      ("adam_update_experts", 8, 0.1),
+    ]
+  ]
+  series = plot_time_per_token.time_per_token_series(rows, tokens=8192)
+  assert series == {"dense_ffn": [(8, 100.0), (16, 100.0)], "capacity": [(8, 150.0), (16, 200.0)]}
+  source, out = tmp_path / "rows.json", tmp_path / "plot.png"
+  source.write_text(json.dumps(rows))
+  assert plot_time_per_token.main(["--json", str(source), "--out", str(out)]) == 0
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  source.write_text('{"not": "rows"}')
+  assert plot_time_per_token.main(["--json", str(source), "--out", str(out)]) == 2
+
+
+def test_vs_pytorch_without_torch_exits_2(monkeypatch, capsys):
+  monkeypatch.setattr(vs_pytorch, "torch", None)
+  assert vs_pytorch.main(["--num-experts", "4", "--tokens", "8"]) == 2
+  assert "pip install torch" in capsys.readouterr().err
+
+
+def test_vs_pytorch_main_writes_rows(tmp_path):
+  pytest.importorskip("torch")
+  path = tmp_path / "vs_pytorch.json"
+  argv = ["--num-experts", "4", "--tokens", "32", "--repeats", "2", "--jax-dispatch", "capacity"]
+  assert vs_pytorch.main(argv + ["--json", str(path)]) == 0
+  rows = json.loads(path.read_text())
+  assert [(r["framework"], r["layer"], r["optimizer"]) for r in rows] == [
+    ("torch", "loop_over_experts", "adam_default"),
+    ("torch", "loop_over_experts", "adam_fused"),
+    ("torch", "dense_ffn", "adam_default"),
+    ("torch", "dense_ffn", "adam_fused"),
+    ("jax", "capacity", "optax_adam"),
+    ("jax", "dense_ffn", "optax_adam"),
+    ("torch", "every_expert", "adam_default"),
+  ]
+  for row in rows:
+    assert VS_PYTORCH_KEYS <= row.keys()
+    assert row["torch_loop_ratio"] == pytest.approx(rows[0]["seconds"] / row["seconds"])
+    assert len(row["times"]) == row["repeats"] == 2
+
+
+@pytest.mark.parametrize(
+  "jax_dispatch, torch_layer",
+  [("dropless_ragged_dot", "TorchLoopMoE"), ("every_expert", "TorchEveryExpertMoE")],
+)
+def test_torch_layers_compute_our_layers(jax_dispatch, torch_layer):
+  """Same weights, same outputs: the timing compares the same math in both frameworks."""
+  torch = pytest.importorskip("torch")
+  num_experts, d_model, d_ff = 4, moe_layer.D_MODEL, moe_layer.D_FF
+  config = MoEConfig(num_experts=num_experts, top_k=2, d_model=d_model, d_ff=d_ff)
+  layer = MoEFeedForward(config, rngs=nnx.Rngs(0))
+  x_TxD = jax.random.normal(jax.random.key(1), (24, d_model))
+  params, apply = moe_layer.BUILDERS[jax_dispatch](layer)
+  expected = np.asarray(jax.jit(apply)(params, x_TxD))
+
+  module = getattr(vs_pytorch, torch_layer)(d_model, d_ff, num_experts, 2)
+  vs_pytorch.load_jax_weights(module, params)
+  with torch.no_grad():
+    actual = module(torch.from_numpy(np.array(x_TxD))).numpy()
+  np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
