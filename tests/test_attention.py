@@ -21,7 +21,6 @@ from tmoe_jax.config import TransformerConfig
 from tmoe_jax.embeddings import PositionEmbedding, sinusoidal_positions
 from tmoe_jax.transformer import PAD_ID, Transformer
 
-
 # ---------------------------------------------------------------------------
 # Masks.
 

@@ -18,10 +18,10 @@ import numpy as np
 from absl.testing import parameterized
 from flax import nnx
 
-from tmoe_jax.moe.dispatch import assign_slots, combine_outputs, dispatch_tokens
-from tmoe_jax.moe.experts import MlpExperts
 from tmoe_jax.moe.dense_gating import dense_softmax_gates, dense_softmax_moe
+from tmoe_jax.moe.dispatch import assign_slots, combine_outputs, dispatch_tokens
 from tmoe_jax.moe.expert_choice import expert_choice_combine, expert_choice_dispatch, expert_choice_route
+from tmoe_jax.moe.experts import MlpExperts
 from tmoe_jax.moe.guided import guided_gate_loss, guided_route, label_to_expert, routing_agreement
 from tmoe_jax.moe.routing import (
   assign_slots_prioritized,
