@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import importlib
 import pathlib
 import struct
 import zlib
 
 import numpy as np
 
+from tmoe_jax.data.tfds_records import read_tfds_records
 from tmoe_jax.errors import ConfigError, DataError
 
 # IDX magic number: two zero bytes, the element type (0x08 = unsigned byte), the number of
@@ -203,24 +203,9 @@ def _read_idx_split(data_dir: pathlib.Path, split: str) -> tuple[np.ndarray, np.
 
 
 def _read_tfds_split(name: str, tfds_data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  # Imported here: TFDS is slow to import and only this source needs it.
-  import tensorflow_datasets as tfds
-
-  if name in TFDS_BUILDER_MODULES:
-    importlib.import_module(TFDS_BUILDER_MODULES[name])
-  try:
-    # download=False: this machine is offline, and TFDS must not try to build the data here.
-    records = tfds.data_source(name, split=split, data_dir=tfds_data_dir, download=False)
-    # Record by record: a data source's batched __getitems__ is not supported by tfds' mock_data.
-    examples = [records[i] for i in range(len(records))]
-  except (ValueError, NotImplementedError, OSError) as e:
-    # TFDS raises DatasetNotFoundError (a ValueError) for an unknown name or version and
-    # NotImplementedError when the directory holds no array_record files.
-    detail = str(e).splitlines()[0].rstrip(":. ") if str(e) else ""
-    raise DataError(
-      f"tfds_data_dir {tfds_data_dir!r} holds no readable array_record build of {name}/{split} "
-      f"({type(e).__name__}: {detail}); {missing_data_message(name)}"
-    ) from e
+  examples = read_tfds_records(
+    name, split, tfds_data_dir, builder_modules=TFDS_BUILDER_MODULES, how_to_get=missing_data_message(name)
+  )
   if not examples:
     raise DataError(f"tfds_data_dir {tfds_data_dir!r}: {name}/{split} has no examples")
   images = np.stack([np.asarray(example["image"], dtype=np.uint8) for example in examples])

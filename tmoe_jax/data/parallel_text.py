@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import importlib
 import pathlib
 import zlib
 from collections.abc import Mapping
 
+from tmoe_jax.data.tfds_records import read_tfds_records
 from tmoe_jax.errors import ConfigError, DataError
 
 MULTI30K_URL = "https://github.com/multi30k/dataset (data/task1/raw)"
@@ -35,9 +35,6 @@ TFDS_BUILDER_MODULES = {
   "ted_hrlr_translate": "tensorflow_datasets.translate.ted_hrlr",
 }
 
-# Records fetched from a TFDS data source per call: one call per record costs ~4x more time
-# (minutes for WMT's 4.5M pairs), one call for the whole split holds every record twice.
-_TFDS_CHUNK = 4096
 # How many file names a missing-file error lists.
 _MAX_LISTED_FILES = 30
 
@@ -194,42 +191,16 @@ def _as_text(value, where: str) -> str:
   raise DataError(f"{where}: expected text, got {type(value).__name__}")
 
 
-def _read_all(records) -> list:
-  """Every record of a TFDS data source, in its order."""
-  examples = []
-  try:
-    for start in range(0, len(records), _TFDS_CHUNK):
-      examples.extend(records.__getitems__(range(start, min(start + _TFDS_CHUNK, len(records)))))
-  except TypeError:
-    # tfds.testing.mock_data (4.9.10) mocks __getitems__ without binding the data source, so
-    # the batched call fails there; record by record is ~4x slower but works everywhere.
-    examples = [records[i] for i in range(len(records))]
-  return examples
-
-
 def _read_tfds_split(
   name: str, tfds_data_dir: str, split: str, source_language: str, target_language: str
 ) -> ParallelText:
-  # Imported here: TFDS is slow to import and only this source needs it.
-  import tensorflow_datasets as tfds
-
-  builder_name = name.split("/")[0].split(":")[0]
-  if builder_name in TFDS_BUILDER_MODULES:
-    importlib.import_module(TFDS_BUILDER_MODULES[builder_name])
-  try:
-    # download=False: this machine is offline, and TFDS must not try to build the data here.
-    records = tfds.data_source(name, split=split, data_dir=tfds_data_dir, download=False)
-    examples = _read_all(records)
-  except (ValueError, NotImplementedError, OSError, AssertionError) as e:
-    # TFDS raises DatasetNotFoundError (a ValueError) for an unknown name or version,
-    # NotImplementedError when the directory holds no array_record files and an
-    # AssertionError when a registered builder finds no prepared data.
-    detail = str(e).splitlines()[0].rstrip(":. ") if str(e) else ""
-    raise DataError(
-      f"tfds_data_dir {tfds_data_dir!r} holds no readable array_record build of {name}/{split} "
-      f"({type(e).__name__}: {detail}); "
-      f"{missing_data_message(name, source_language, target_language, {split: split})}"
-    ) from e
+  examples = read_tfds_records(
+    name,
+    split,
+    tfds_data_dir,
+    builder_modules=TFDS_BUILDER_MODULES,
+    how_to_get=missing_data_message(name, source_language, target_language, {split: split}),
+  )
   if not examples:
     raise DataError(f"tfds_data_dir {tfds_data_dir!r}: {name}/{split} has no examples")
   missing = [lang for lang in (source_language, target_language) if lang not in examples[0]]

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib
 import pathlib
 
 import numpy as np
 
+from tmoe_jax.data.tfds_records import read_tfds_records
 from tmoe_jax.errors import DataError
 
 GLUE_HEADER = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
@@ -131,25 +131,9 @@ def _as_text(value) -> str:
 
 
 def _read_tfds_split(name: str, tfds_data_dir: str, split: str) -> SentencePairs:
-  # Imported here: TFDS is slow to import and only this source needs it.
-  import tensorflow_datasets as tfds
-
-  dataset = name.split("/")[0].split(":")[0]
-  if dataset in TFDS_BUILDER_MODULES:
-    importlib.import_module(TFDS_BUILDER_MODULES[dataset])
-  try:
-    # download=False: this machine is offline, and TFDS must not try to build the data here.
-    records = tfds.data_source(name, split=split, data_dir=tfds_data_dir, download=False)
-    # Record by record: a data source's batched __getitems__ is not supported by tfds' mock_data.
-    examples = [records[i] for i in range(len(records))]
-  except (ValueError, NotImplementedError, OSError) as e:
-    # DatasetNotFoundError (a ValueError) for an unknown name or version, NotImplementedError
-    # when the directory holds no array_record files.
-    detail = str(e).splitlines()[0].rstrip(":. ") if str(e) else ""
-    raise DataError(
-      f"tfds_data_dir {tfds_data_dir!r} holds no readable array_record build of {name}/{split} "
-      f"({type(e).__name__}: {detail}); {missing_data_message(name)}"
-    ) from e
+  examples = read_tfds_records(
+    name, split, tfds_data_dir, builder_modules=TFDS_BUILDER_MODULES, how_to_get=missing_data_message(name)
+  )
   labels_N = np.array([int(example["label"]) for example in examples], dtype=np.int32)
   if labels_N.size and labels_N.min() < 0:
     raise DataError(f"tfds:{name}/{split}: unlabelled examples (label {int(labels_N.min())})")
