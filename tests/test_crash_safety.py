@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL mid-run, damaged checkpoints, divergence, interrupted metrics writes."""
 
 import json
+import logging
 import pathlib
 import shutil
 import signal
@@ -193,6 +194,27 @@ def test_a_checkpoint_of_another_model_shape_is_a_config_error_not_damage(pristi
   assert "params." in str(error.value).split(":")[2]  # parameters are listed before optimizer moments
   assert "warning" not in capsys.readouterr().err
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_the_leftover_reads_of_a_failed_restore_are_not_logged_but_other_asyncio_errors_are():
+  """Both forms asyncio uses, depending on timing, are dropped; anything else gets through."""
+  log_filter = checkpointing._AbandonedReadLogFilter()
+
+  def record(message):
+    return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, None)
+
+  task = (
+    "Task exception was never retrieved\nfuture: <Task finished coro=<f() at /x/orbax/checkpoint/a.py:1>>"
+  )
+  future = (
+    "Future exception was never retrieved\nfuture: <Future finished exception=ValueError("
+    "'DATA_LOSS: Error reading [tensorstore_spec=...]')>"
+  )
+  other = "Future exception was never retrieved\nfuture: <Future finished exception=ValueError('mine')>"
+  assert not log_filter.filter(record(task))
+  assert not log_filter.filter(record(future))
+  assert log_filter.filter(record(other))
+  assert log_filter.filter(record("Unclosed client session (orbax)"))
 
 
 # --- divergence ---------------------------------------------------------------------------

@@ -132,11 +132,19 @@ def _is_abandoned_read(unraisable) -> bool:
 
 
 class _AbandonedReadLogFilter(logging.Filter):
-  """asyncio's 'Task exception was never retrieved' for the reads of a failed Orbax restore."""
+  """asyncio's 'Task/Future exception was never retrieved' for the reads of a failed restore.
+
+  Which of the two asyncio reports depends on timing: an Orbax coroutine (a Task, named
+  by its orbax source file) or a bare TensorStore read future (named by its tensorstore
+  spec). Other never-retrieved exceptions get through.
+  """
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+    leftover = message.startswith(
+      ("Task exception was never retrieved", "Future exception was never retrieved")
+    )
+    return not (leftover and ("orbax" in message or "tensorstore_spec" in message))
 
 
 def _silence_abandoned_reads() -> None:
