@@ -174,7 +174,14 @@ def main():
     f"{'gspmd (batch split, x8)':<28} {median * 1e3:>10.2f} {best * 1e3:>8.2f} {compile_s:>10.2f} {'-':>22}"
   )
 
-  for (data, expert), factor in [((8, 1), cf), ((4, 2), cf), ((2, 4), cf), ((1, 8), cf), ((1, 8), None)]:
+  for (data, expert), factor in [
+    ((8, 1), cf),
+    ((4, 2), cf),
+    ((2, 4), cf),
+    ((1, 8), cf),
+    ((2, 4), None),
+    ((1, 8), None),
+  ]:
     mesh = make_mesh(data, expert)
     params = fresh_params()
     param_shardings = tree_shardings(params, mesh)
@@ -205,7 +212,8 @@ def main():
     name = f"ep data={data} expert={expert}" + (" dropless" if factor is None else "")
     print(
       f"{name:<28} {median * 1e3:>10.2f} {best * 1e3:>8.2f} {compile_s:>10.2f} {moved.total_bytes:>22,}"
-      f"  (C={moved.capacity}/device, {moved.sent_bytes_per_device:,} B sent per device, "
+      f"  ({moved.rows_per_device} rows/device buffer, C={moved.capacity}, "
+      f"{moved.sent_bytes_per_device:,} B sent per device, "
       f"payload {moved.payload_bytes:,} B)"
     )
 

@@ -123,7 +123,7 @@ def dropless_method(method: str):
     def apply(params, x_TxD):
       route = _route(params["router_DxE"], x_TxD)
       return dropless.dropless_moe(
-        x_TxD, route.expert_indices_TxK, route.gates_TxK, *_weights(params), "relu", method=method
+        x_TxD, route.expert_indices_TxK, route.gates_TxK, _weights(params), "relu", method=method
       )
 
     return _expert_params(layer), apply

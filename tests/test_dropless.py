@@ -10,6 +10,9 @@ the default sizes.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import chex
 import hypothesis
 import hypothesis.strategies as st
@@ -18,8 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from tmoe_jax.config import MoEConfig
+from tmoe_jax.errors import ConfigError
+from tmoe_jax.feedforward import ACTIVATIONS
 from tmoe_jax.moe import dropless
+from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.parallel.mesh import make_mesh
 
 SMALL_BLOCKS = {"block_size": 8, "granule": 4}
 # (name, method, block keyword arguments)
@@ -108,7 +118,7 @@ def _assert_matches_references(fn, x, indices, gates, weights, *, rtol=2e-4, ato
 
 def _moe_fn(indices, method, blocks, token_mask=None):
   return lambda x, gates, *weights: dropless.dropless_moe(
-    x, indices, gates, *weights, "relu", token_mask_T=token_mask, method=method, **blocks
+    x, indices, gates, weights, "relu", token_mask_T=token_mask, method=method, **blocks
   )
 
 
@@ -207,9 +217,9 @@ class DroplessMoeTest(chex.TestCase, parameterized.TestCase):
     )
     x, indices, gates, weights = _problem(seed=8)
     with pytest.raises(ValueError, match="method"):
-      dropless.dropless_moe(x, indices, gates, *weights, method="dense")
+      dropless.dropless_moe(x, indices, gates, weights, method="dense")
     with pytest.raises(ValueError, match="block_size"):
-      dropless.dropless_moe(x, indices, gates, *weights, method="block_loop", block_size=6, granule=4)
+      dropless.dropless_moe(x, indices, gates, weights, method="block_loop", block_size=6, granule=4)
 
   def test_bfloat16_stays_close_to_float32(self):
     x, indices, gates, weights = _problem(seed=9)
@@ -241,19 +251,22 @@ def test_random_shapes_match_loop(num_tokens, num_experts, top_k, used, seed):
 
 
 # ---------------------------------------------------------------------------
-# grouped_mlp.
+# grouped_experts.
 
 
 @pytest.mark.parametrize("name,method,blocks", METHODS[:2])
-def test_grouped_mlp_runs_each_group_through_its_expert(name, method, blocks):
+def test_grouped_experts_runs_each_group_through_its_mlp(name, method, blocks):
   """Row r of group e gets expert e's MLP; rows past the groups are 0; grads match a dense reference."""
   rng = np.random.default_rng(10)
   group_sizes = jnp.asarray([3, 0, 9, 2], jnp.int32)  # 14 of 17 rows; expert 1 gets none
   x = jnp.asarray(rng.normal(size=(17, 5)), jnp.float32)
   weights = _weights(rng, 4, 5, 7)
   expert_of_row = np.repeat(np.arange(4), np.asarray(group_sizes))
-  fn = lambda x, *weights: dropless.grouped_mlp(x, group_sizes, *weights, "relu", method=method, **blocks)
+  fn = lambda x, *weights: dropless.grouped_experts(x, group_sizes, weights, "relu", method=method, **blocks)
   y = jax.jit(fn)(x, *weights)
+  # The MLP-only spelling is the same computation.
+  y_mlp = dropless.grouped_mlp(x, group_sizes, *weights, "relu", method=method, **blocks)
+  chex.assert_trees_all_close(y_mlp, y, rtol=1e-6, atol=1e-6)
   ones = np.ones((17, 1), np.float32)
   expected = reference_moe(x[:14], expert_of_row[:, None], ones[:14], *weights)
   np.testing.assert_allclose(np.asarray(y)[:14], expected, rtol=2e-4, atol=2e-5)
@@ -267,3 +280,214 @@ def test_grouped_mlp_runs_each_group_through_its_expert(name, method, blocks):
   got = jax.jit(jax.grad(lambda *a: _loss(fn(*a)), argnums))(x, *weights)
   want = jax.jit(jax.grad(lambda *a: _loss(dense(*a)), argnums))(x, *weights)
   chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------
+# Gated (SwiGLU / GeGLU) experts: y = (act(x W_gate) * x W_up) W_down.
+
+GATED_METHODS = METHODS[:2]
+# T=24, K=2 over experts {0, 1, 3}: expert 2 gets no tokens, the others ~16 rows each, so
+# 8-row blocks give full blocks, 4-row-granule tails and groups straddling blocks.
+GATED_SHAPES = {"num_tokens": 24, "num_experts": 4, "top_k": 2, "d_model": 8, "d_ff": 16}
+
+
+def _gated_weights(rng, num_experts, d_model, d_ff):
+  """(w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD), `EXPERT_PARAMS_BY_TYPE["gated"]` order."""
+  return (
+    jnp.asarray(rng.normal(size=(num_experts, d_model, d_ff)) / np.sqrt(d_model), jnp.float32),
+    jnp.asarray(rng.normal(size=(num_experts, d_model, d_ff)) / np.sqrt(d_model), jnp.float32),
+    jnp.asarray(rng.normal(size=(num_experts, d_ff, d_model)) / np.sqrt(d_ff), jnp.float32),
+  )
+
+
+def _gated_problem(seed, num_tokens, num_experts, top_k, d_model, d_ff, experts_used=(0, 1, 3)):
+  """x, routing, weights and a token mask with a few masked tokens."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(num_tokens, d_model)), jnp.float32)
+  indices, gates = _routing(rng, num_tokens, num_experts, top_k, experts_used)
+  mask = np.ones(num_tokens, bool)
+  mask[rng.permutation(num_tokens)[:5]] = False
+  return x, indices, gates, _gated_weights(rng, num_experts, d_model, d_ff), mask
+
+
+def reference_gated_moe(x_TxD, gates_TxK, w_gate, w_up, w_down, *, indices_TxK, activation, mask_T=None):
+  """for t, for k: gates[t, k] * (act(x[t] W_gate[e]) * (x[t] W_up[e])) W_down[e], e = e[t, k].
+
+  jax ops in a Python loop over the concrete routing, so `jax.grad` gives its gradients.
+  """
+  act = ACTIVATIONS[activation]
+  rows = []
+  for t in range(x_TxD.shape[0]):
+    y_D = jnp.zeros(x_TxD.shape[1], x_TxD.dtype)
+    if mask_T is None or mask_T[t]:
+      for k in range(indices_TxK.shape[1]):
+        e = int(indices_TxK[t, k])
+        hidden_F = act(x_TxD[t] @ w_gate[e]) * (x_TxD[t] @ w_up[e])
+        y_D = y_D + gates_TxK[t, k] * (hidden_F @ w_down[e])
+    rows.append(y_D)
+  return jnp.stack(rows)
+
+
+def _gated_moe_fn(indices, activation, method, blocks, token_mask=None):
+  return lambda x, gates, *weights: dropless.dropless_moe(
+    x,
+    indices,
+    gates,
+    weights,
+    activation,
+    expert_type="gated",
+    token_mask_T=token_mask,
+    method=method,
+    **blocks,
+  )
+
+
+def _output_and_grads(fn, x, gates, weights):
+  """fn's output and its gradients in x, the gates and the three weight arrays."""
+  loss_and_output = lambda *args: (_loss(fn(*args)), fn(*args))
+  (_, y), grads = jax.value_and_grad(loss_and_output, tuple(range(5)), has_aux=True)(x, gates, *weights)
+  return y, grads
+
+
+class GatedDroplessTest(chex.TestCase, parameterized.TestCase):
+  @parameterized.named_parameters(
+    (f"{name}_{activation}", method, blocks, activation)
+    for name, method, blocks in GATED_METHODS
+    for activation in ("silu", "gelu")
+  )
+  def test_matches_per_token_loop_and_its_gradients(self, method, blocks, activation):
+    """Output and gradients (x, gates, w_gate, w_up, w_down) = the loop reference and jax.grad of it.
+
+    With an expert that gets no tokens (zero weight gradients) and masked tokens (no gradient).
+    """
+    x, indices, gates, weights, mask = _gated_problem(seed=20, **GATED_SHAPES)
+    indices_np = np.asarray(indices)
+    fn = _gated_moe_fn(indices, activation, method, blocks, jnp.asarray(mask))
+    reference = lambda *args: reference_gated_moe(
+      *args, indices_TxK=indices_np, activation=activation, mask_T=mask
+    )
+    got = jax.jit(functools.partial(_output_and_grads, fn))(x, gates, weights)
+    want = jax.jit(functools.partial(_output_and_grads, reference))(x, gates, weights)
+    chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-5)
+    _, (dx, dgates, _, _, dw_down) = got
+    np.testing.assert_array_equal(np.asarray(dx)[~mask], 0.0)
+    np.testing.assert_array_equal(np.asarray(dgates)[~mask], 0.0)
+    np.testing.assert_array_equal(np.asarray(dw_down)[2], 0.0)  # expert 2 got no tokens
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*GATED_METHODS)
+  def test_jit_and_eager_agree(self, method, blocks):
+    x, indices, gates, weights, mask = _gated_problem(seed=21, **GATED_SHAPES)
+    fn = _gated_moe_fn(indices, "silu", method, blocks, jnp.asarray(mask))
+    got = self.variant(functools.partial(_output_and_grads, fn))(x, gates, weights)
+    want = jax.jit(functools.partial(_output_and_grads, fn))(x, gates, weights)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+  @parameterized.named_parameters(*GATED_METHODS)
+  def test_grouped_experts_runs_each_group_through_its_gated_expert(self, method, blocks):
+    """Row r of group e gets expert e; rows past the groups are 0; gradients match the reference."""
+    rng = np.random.default_rng(22)
+    group_sizes = jnp.asarray([3, 0, 9, 2], jnp.int32)  # 14 of 17 rows; expert 1 gets none
+    x = jnp.asarray(rng.normal(size=(17, 8)), jnp.float32)
+    weights = _gated_weights(rng, 4, 8, 16)
+    expert_of_row = np.repeat(np.arange(4), np.asarray(group_sizes))[:, None]
+
+    def grouped(x, *weights):
+      return dropless.grouped_experts(
+        x, group_sizes, weights, "gelu", expert_type="gated", method=method, **blocks
+      )
+
+    def reference(x, *weights):
+      rows = reference_gated_moe(
+        x[:14], jnp.ones((14, 1)), *weights, indices_TxK=expert_of_row, activation="gelu"
+      )
+      return jnp.concatenate([rows, jnp.zeros((3, 8))])
+
+    argnums = tuple(range(4))
+    value_and_grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: _loss(fn(*a)), argnums))
+    y = jax.jit(grouped)(x, *weights)
+    np.testing.assert_array_equal(np.asarray(y)[14:], 0.0)
+    chex.assert_trees_all_close(y, reference(x, *weights), rtol=2e-4, atol=2e-5)
+    chex.assert_trees_all_close(
+      value_and_grad(grouped)(x, *weights), value_and_grad(reference)(x, *weights), rtol=2e-4, atol=2e-5
+    )
+
+  def test_weights_that_do_not_fit_the_expert_type_raise(self):
+    x, indices, gates, weights, _ = _gated_problem(seed=23, **GATED_SHAPES)
+    with pytest.raises(ValueError, match="expert_type 'gated'"):
+      dropless.dropless_moe(x, indices, gates, weights[:2], expert_type="gated")
+    with pytest.raises(ValueError, match="expert_type 'mlp'"):
+      dropless.dropless_moe(x, indices, gates, weights, expert_type="mlp")
+    with pytest.raises(ValueError, match="expert_type 'gated'"):
+      dropless.dropless_moe(x, indices, gates, weights[0], expert_type="gated")
+    with pytest.raises(ValueError, match="expert_type must be one of"):
+      dropless.dropless_moe(x, indices, gates, weights, expert_type="lstm")
+    with pytest.raises(ValueError, match="expert_type 'gated'"):
+      dropless.grouped_experts(x, jnp.asarray([24, 0, 0, 0]), weights[1:], expert_type="gated")
+
+
+def test_gated_layer_dropless_equals_ample_capacity_forward_and_backward():
+  """MoEFeedForward, expert_type gated: dropless = capacity dispatch where nothing drops, grads included."""
+  base = MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=16, expert_type="gated", activation="silu")
+  capacity_layer = MoEFeedForward(dataclasses.replace(base, capacity_factor=8.0), rngs=nnx.Rngs(4))
+  dropless_layer = MoEFeedForward(dataclasses.replace(base, dispatch="dropless"), rngs=nnx.Rngs(4))
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 8))
+  mask = jnp.arange(12).reshape(2, 6) < jnp.asarray([[6], [4]])  # the second sequence is padded
+
+  def loss_and_output(layer):
+    y, aux = layer(x, mask, deterministic=False)
+    return jnp.sum(jnp.sin(y) * jnp.arange(1, 9)), (y, aux)
+
+  grad_fn = nnx.value_and_grad(loss_and_output, has_aux=True)
+  (_, (y_capacity, aux_capacity)), grads_capacity = grad_fn(capacity_layer)
+  (_, (y_dropless, aux_dropless)), grads_dropless = grad_fn(dropless_layer)
+  assert float(aux_capacity.dropped_fraction) == 0.0 and float(aux_dropless.dropped_fraction) == 0.0
+  chex.assert_trees_all_close(y_dropless, y_capacity, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(
+    nnx.to_pure_dict(grads_dropless), nnx.to_pure_dict(grads_capacity), rtol=1e-4, atol=1e-5
+  )
+  assert float(jnp.abs(grads_dropless.experts.w_gate_ExDxF[...]).sum()) > 0
+
+
+def test_config_allows_dropless_for_both_expert_types_and_not_for_expert_choice():
+  base = MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=16, dispatch="dropless")
+  assert dataclasses.replace(base, expert_type="gated").expert_type == "gated"
+  with pytest.raises(ConfigError, match="model.dispatch.*top_k"):
+    dataclasses.replace(base, router="expert_choice")
+
+
+@pytest.mark.parametrize("expert_type", ["mlp", "gated"])
+def test_block_loop_inside_shard_map_equals_unsharded_with_gradients(expert_type):
+  """Tokens split over 'data', weights replicated: the unsharded output and gradients.
+
+  The loops' carries and the custom_vjp's cotangents must take the inputs' varying mesh
+  axes; the weight gradients are summed over 'data'.
+  """
+  mesh = make_mesh(data=2, expert=4)
+  x, indices, gates, _, mask = _gated_problem(seed=24, **GATED_SHAPES)
+  rng = np.random.default_rng(24)
+  weights = _weights(rng, 4, 8, 16) if expert_type == "mlp" else _gated_weights(rng, 4, 8, 16)
+
+  def local(x, indices, gates, mask, weights):
+    return dropless.dropless_moe(
+      x,
+      indices,
+      gates,
+      weights,
+      "silu",
+      expert_type=expert_type,
+      token_mask_T=mask,
+      method="block_loop",
+      **SMALL_BLOCKS,
+    )
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 4 + (P(),), out_specs=P("data"))
+
+  def output_and_grads(fn):
+    def loss_and_output(x, gates, weights):
+      y = fn(x, indices, gates, jnp.asarray(mask), weights)
+      return _loss(y), y
+
+    return jax.jit(jax.value_and_grad(loss_and_output, (0, 1, 2), has_aux=True))(x, gates, weights)
+
+  chex.assert_trees_all_close(output_and_grads(sharded), output_and_grads(local), rtol=1e-5, atol=1e-6)

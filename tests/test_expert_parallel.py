@@ -89,7 +89,9 @@ def _reference_loss(params, x_TxD, mask_T, cotangent_TxD, graphdef, rest):
   return _scalar(y[0], aux, cotangent_TxD), (y[0], aux)
 
 
-def _sharded_loss(params, x_TxD, mask_T, cotangent_TxD, *, mesh, capacity_factor, expert_type="mlp"):
+def _sharded_loss(
+  params, x_TxD, mask_T, cotangent_TxD, *, mesh, capacity_factor, expert_type="mlp", activation="relu"
+):
   layer_params = nnx.to_pure_dict(params)
   weights = tuple(layer_params["experts"][name] for name in EXPERT_PARAMS_BY_TYPE[expert_type])
   y, stats = expert_parallel_moe(
@@ -101,6 +103,7 @@ def _sharded_loss(params, x_TxD, mask_T, cotangent_TxD, *, mesh, capacity_factor
     capacity_factor=capacity_factor,
     token_mask_T=mask_T,
     expert_type=expert_type,
+    activation=activation,
   )
   return _scalar(y, stats, cotangent_TxD), (y, stats)
 
@@ -168,6 +171,37 @@ def test_gated_experts_equal_the_single_device_layer():
   )(x_TxD)
   chex.assert_trees_all_close(y, ref_y[0], **TOL)
   chex.assert_trees_all_close(stats.load_balancing_loss, ref_aux.load_balancing_loss, **TOL)
+
+
+def test_dropless_gated_experts_equal_the_single_device_layer():
+  """The ragged exchange with gated experts (grouped kernel), gradients included."""
+  layer = _layer(expert_type="gated", activation="silu")
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  x_TxD, mask_T, cotangent_TxD = _inputs()
+  reference = jax.value_and_grad(
+    lambda p, x: _reference_loss(p, x, mask_T, cotangent_TxD, graphdef, rest), argnums=(0, 1), has_aux=True
+  )
+  sharded = jax.value_and_grad(
+    lambda p, x: _sharded_loss(
+      p,
+      x,
+      mask_T,
+      cotangent_TxD,
+      mesh=make_mesh(2, 4),
+      capacity_factor=None,
+      expert_type="gated",
+      activation="silu",
+    ),
+    argnums=(0, 1),
+    has_aux=True,
+  )
+  (ref_value, (ref_y, _)), ref_grads = jax.jit(reference)(params, x_TxD)
+  (value, (y, stats)), grads = jax.jit(sharded)(params, x_TxD)
+  assert float(stats.dropped_fraction) == 0.0
+  chex.assert_trees_all_close(y, ref_y, **TOL)
+  chex.assert_trees_all_close(value, ref_value, **TOL)
+  chex.assert_trees_all_close(grads[1], ref_grads[1], **TOL)
+  chex.assert_trees_all_close(nnx.to_pure_dict(grads[0]), nnx.to_pure_dict(ref_grads[0]), **TOL)
 
 
 def test_capacity_is_per_device_and_drops_match_the_layer_run_shard_by_shard():
@@ -325,7 +359,12 @@ def test_bytes_moved_per_layer_from_shapes():
   assert moved.total_bytes == 8 * moved.sent_bytes_per_device
   assert moved.payload_bytes == 2 * 2048 * 2 * 128 * 4 * 7 // 8
   assert bytes_moved_per_layer(2048, 128, 8, 2, None, data=8, expert=1).total_bytes == 0
-  assert bytes_moved_per_layer(2048, 128, 8, 2, None, data=2, expert=4).capacity == 256
+  # Dropless on (2, 4): T_local = 256, E_local = 2, so S = 256 * min(2, 2) rows per peer, 4 peers.
+  dropless = bytes_moved_per_layer(2048, 128, 8, 2, None, data=2, expert=4)
+  assert dropless.capacity is None and dropless.rows_per_device == 4 * 512
+  assert dropless.sent_bytes_per_device == 2 * 4 * 512 * 128 * 4 * 3 // 4
+  # 64 experts on 8 devices: 8 * T_local * 2 rows instead of E * T_local.
+  assert bytes_moved_per_layer(2048, 128, 64, 2, None, data=1, expert=8).rows_per_device == 8 * 256 * 2
   assert bytes_moved_per_layer(2048, 128, 8, 2, 1.0, data=1, expert=8, dtype=jnp.bfloat16).capacity == 64
 
 

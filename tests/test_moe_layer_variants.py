@@ -203,4 +203,4 @@ def test_dropless_dispatch_equals_capacity_dispatch_with_ample_capacity_and_neve
   assert float(jnp.abs(grads.router.kernel[...]).sum()) > 0
   assert float(jnp.abs(grads.experts.w_in_ExDxF[...]).sum()) > 0
   with pytest.raises(ConfigError, match="model.dispatch"):
-    dataclasses.replace(BASE, dispatch="dropless", expert_type="gated")
+    dataclasses.replace(BASE, dispatch="dropless", router="expert_choice")

@@ -23,7 +23,8 @@ ACTIVATIONS = ("relu", "gelu", "silu")
 ROUTERS = ("top_k", "expert_choice")
 MOE_LAYERS = ("sparse", "smoe")
 # capacity: fixed-size expert buffers, overflow dropped; dropless: every assignment computed
-# (`moe.dropless`: ragged_dot on GPU/TPU, a block loop on CPU).
+# (`moe.dropless`: ragged_dot on GPU/TPU, a block loop on CPU), for router top_k and either
+# expert type.
 DISPATCHES = ("capacity", "dropless")
 EXPERT_TYPES = ("mlp", "gated")  # gated: SwiGLU with activation "silu", GeGLU with "gelu"
 SOFTMAX_ORDERS = ("before", "after")
@@ -83,9 +84,9 @@ class MoEConfig:
       self.dispatch in DISPATCHES, "model.dispatch", f"must be one of {DISPATCHES}, got {self.dispatch!r}"
     )
     require(
-      self.dispatch == "capacity" or (self.router == "top_k" and self.expert_type == "mlp"),
+      self.dispatch == "capacity" or self.router == "top_k",
       "model.dispatch",
-      "dropless is implemented for router top_k with expert_type mlp",
+      f"dropless needs router top_k (expert_choice fixes each expert's capacity), got {self.router!r}",
     )
     require(
       self.expert_type in EXPERT_TYPES,

@@ -7,13 +7,20 @@ rows of a loop's output.
 
 The A (token, choice) assignments are stably sorted by expert, so each expert
 owns one contiguous group of sorted rows (`sort_by_expert`); each row runs
-through its own expert's MLP (`grouped_mlp`), and every token sums its K
+through its own expert (`grouped_experts`), and every token sums its K
 outputs weighted by the gates (`dropless_moe`). Group sizes are data, shapes
 are not: everything jits, and is differentiable in x, the gates and all weights.
 
+Experts are either type of `moe.experts`, given as their stacked weights in
+`EXPERT_PARAMS_BY_TYPE` order: "mlp", act(x W_in + b_in) W_out + b_out, and
+"gated" (SwiGLU/GeGLU), (act(x W_gate) * x W_up) W_down. Both are one shape,
+hidden(x W_1 + b_1, ...) W_out + b_out with one or two input projections, which
+is how both methods run them with the same code. Both methods also run inside
+`shard_map` (the expert-parallel layer calls them per device).
+
 Methods, and which "auto" picks (`jax.default_backend()`):
 
-- "ragged_dot" (GPU, TPU): `jax.lax.ragged_dot` for both matmuls, the grouped
+- "ragged_dot" (GPU, TPU): `jax.lax.ragged_dot` for every matmul, the grouped
   matmul XLA lowers to a grouped kernel there. XLA:CPU instead runs every expert
   on every row and masks, E times the FLOPs: measured 1.19 s at E=8 and 11.2 s at
   E=64 for 16384 rows x 512 -> 1024, against 0.155 s for one dense matmul of the
@@ -23,15 +30,17 @@ Methods, and which "auto" picks (`jax.default_backend()`):
   the smallest multiple of `granule` rows that covers the rest. Trip counts are
   data, so the FLOPs are the assignments' own plus under `granule` rows per
   expert (rows of the next group, whose results are dropped), never a
-  worst-case capacity. Each block runs both MLP layers as dense [S, D] x [D, F]
-  and [S, F] x [F, D] matmuls on the expert's weight slices (no per-block weight
+  worst-case capacity. Each block runs the expert's layers as dense [S, D] x [D, F]
+  and [S, F] x [F, D] matmuls on its weight slices (no per-block weight
   copies), so the hidden activation stays in cache. The loop also gathers each
   block's rows from x by token and adds each row's gated output to its token, so
   no sorted [A, D] copy of inputs or outputs exists. Backward, a `custom_vjp`
   (`while` loops with data-dependent trip counts are not reverse-differentiable),
   runs the same loop: it gathers dy by token, gets each gate's cotangent
   dy[token] . y_row from dy[token] W_out^T (computed anyway, so forward keeps no
-  outputs, only the pre-activation [P, F]) and scatter-adds dx by token.
+  outputs, only the pre-activations: one [P, F] for the MLP, gate and up for
+  the gated expert) and scatter-adds dx by token. The activation's derivative
+  comes from `jax.vjp` of the hidden function, so any activation works.
 
 Why this schedule (measured here on 2 shared Sapphire Rapids cores, T=8192, K=2,
 D=512, F=1024, float32; layer forward+backward including the input gradient,
@@ -61,7 +70,7 @@ memory in this VM), 17% of the dense FFN's whole forward+backward.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +78,7 @@ from flax import struct
 from jax import lax
 
 from tmoe_jax.feedforward import ACTIVATIONS
+from tmoe_jax.parallel.sharding import EXPERT_PARAMS_BY_TYPE
 
 METHODS = ("auto", "ragged_dot", "block_loop")
 DEFAULT_BLOCK_SIZE = 512
@@ -164,39 +174,99 @@ def _for_each_block(start, size, block_size: int, granule: int, body, carry, *, 
   return carry
 
 
+def _varying_like(zeros, *operands):
+  """`zeros` (a pytree) made to vary over every mesh axis that an operand varies over.
+
+  Inside `shard_map` a loop carry must keep its type, and the blocks write values
+  computed from the operands into carries that start as fresh zeros, which vary over
+  no axis. Outside `shard_map` nothing varies and this returns `zeros` as they are.
+  """
+  axes = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in jax.tree.leaves(operands)))
+  return lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
+
+
 def _group_starts(group_sizes_E: jax.Array) -> jax.Array:
   return (jnp.cumsum(group_sizes_E) - group_sizes_E).astype(jnp.int32)
 
 
+def _expert_parts(expert_type: str, weights):
+  """(input projections, their biases, output projection, its bias) of `weights`; None = no bias.
+
+  Both expert types are y = hidden(x W_1 + b_1, ...) W_out + b_out: the MLP with
+  one input projection and hidden = act(z), the gated expert with two (gate, up),
+  hidden = act(gate) * up and no biases.
+  """
+  if expert_type == "mlp":
+    w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD = weights
+    return (w_in_ExDxF,), (b_in_ExF,), w_out_ExFxD, b_out_ExD
+  w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD = weights
+  return (w_gate_ExDxF, w_up_ExDxF), (None, None), w_down_ExFxD, None
+
+
+def _weights_of_parts(expert_type: str, w_in, b_in, w_out, b_out) -> tuple:
+  """Inverse of `_expert_parts`: back to the `EXPERT_PARAMS_BY_TYPE[expert_type]` order."""
+  if expert_type == "mlp":
+    return (w_in[0], b_in[0], w_out, b_out)
+  return (*w_in, w_out)
+
+
+def _hidden_fn(expert_type: str, activation: Activation) -> Callable[..., jax.Array]:
+  """The hidden activation [S, F] from the pre-activations: act(z), or act(gate) * up."""
+  if expert_type == "mlp":
+    return activation
+  return lambda gate_SxF, up_SxF: activation(gate_SxF) * up_SxF
+
+
+def _affine(x_SxN, w_NxM, b_M):
+  return x_SxN @ w_NxM if b_M is None else x_SxN @ w_NxM + b_M
+
+
+def _at_expert(e, arrays):
+  return tuple(None if a is None else a[e] for a in arrays)
+
+
 def _block_loop_forward(
-  x_NxD, source_P, gate_P, group_sizes_E, weights, activation, block_size, granule, *, num_outputs=None
+  x_NxD,
+  source_P,
+  gate_P,
+  group_sizes_E,
+  weights,
+  expert_type,
+  activation,
+  block_size,
+  granule,
+  *,
+  num_outputs=None,
 ):
   """Sorted row r (input x_NxD[source_P[r]]) through its group's expert, block by block.
 
   With `num_outputs` (the MoE layer), row r's output times gate_P[r] is added to
   output row source_P[r] of the returned y_MxD, M = num_outputs: gather,
   experts and the gate-weighted combine in one pass, with no sorted copy of the
-  inputs or outputs. Without it (`grouped_mlp`), y_MxD is the sorted outputs
+  inputs or outputs. Without it (`grouped_experts`), y_MxD is the sorted outputs
   themselves, M = P, zero past the groups; gate_P is unused. Also returns the
-  pre-activation z_PxF, kept for backward.
+  pre-activations z_PxF kept for backward, one [P, F] per input projection
+  (MLP: z; gated: gate and up).
   """
-  w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD = weights
+  w_in, b_in, w_out_ExFxD, b_out_ExD = _expert_parts(expert_type, weights)
+  hidden_fn = _hidden_fn(expert_type, activation)
   num_rows = source_P.shape[0]
   d_model = x_NxD.shape[1]
-  num_experts, _, d_ff = w_in_ExDxF.shape
+  num_experts, _, d_ff = w_in[0].shape
   starts_E = _group_starts(group_sizes_E)
   out_dtype = jnp.result_type(x_NxD.dtype, w_out_ExFxD.dtype)
 
   def per_expert(e, carry):
-    w_in_DxF, b_in_F = w_in_ExDxF[e], b_in_ExF[e]
-    w_out_FxD, b_out_D = w_out_ExFxD[e], b_out_ExD[e]
+    w_in_DxF, b_in_F = _at_expert(e, w_in), _at_expert(e, b_in)
+    w_out_FxD, b_out_D = _at_expert(e, (w_out_ExFxD, b_out_ExD))
 
     def block(row, rows, valid, first, carry):
       del first
       y_MxD, z_PxF = carry
       source_S = lax.dynamic_slice_in_dim(source_P, row, rows)
-      z_SxF = jnp.take(x_NxD, source_S, axis=0, mode="clip") @ w_in_DxF + b_in_F
-      y_SxD = (activation(z_SxF) @ w_out_FxD + b_out_D).astype(out_dtype)
+      x_SxD = jnp.take(x_NxD, source_S, axis=0, mode="clip")
+      z_SxF = tuple(_affine(x_SxD, w, b) for w, b in zip(w_in_DxF, b_in_F))
+      y_SxD = _affine(hidden_fn(*z_SxF), w_out_FxD, b_out_D).astype(out_dtype)
       # Rows past `valid` belong to the next group (or to no group): their z is overwritten
       # when that group runs, and they add nothing to the output (zero gate) ...
       if num_outputs is not None:
@@ -205,14 +275,18 @@ def _block_loop_forward(
       else:
         # ... or, as sorted outputs, are overwritten too.
         y_MxD = lax.dynamic_update_slice_in_dim(y_MxD, y_SxD, row, 0)
-      return y_MxD, lax.dynamic_update_slice_in_dim(z_PxF, z_SxF.astype(z_PxF.dtype), row, 0)
+      z_PxF = tuple(
+        lax.dynamic_update_slice_in_dim(kept, z.astype(kept.dtype), row, 0) for kept, z in zip(z_PxF, z_SxF)
+      )
+      return y_MxD, z_PxF
 
     return _for_each_block(starts_E[e], group_sizes_E[e], block_size, granule, block, carry)
 
   init = (
     jnp.zeros((num_rows if num_outputs is None else num_outputs, d_model), out_dtype),
-    jnp.zeros((num_rows, d_ff), jnp.result_type(x_NxD.dtype, w_in_ExDxF.dtype)),
+    tuple(jnp.zeros((num_rows, d_ff), jnp.result_type(x_NxD.dtype, w.dtype)) for w in w_in),
   )
+  init = _varying_like(init, x_NxD, source_P, gate_P, group_sizes_E, weights)
   y_MxD, z_PxF = lax.fori_loop(0, num_experts, per_expert, init)
   if num_outputs is None:
     # The last group's tail block wrote up to block_size - 1 rows past the groups.
@@ -228,23 +302,37 @@ def _own_rows(values_Sx___, valid):
 
 
 def _block_loop_backward(
-  x_NxD, source_P, gate_P, z_PxF, dy_MxD, group_sizes_E, weights, activation, block_size, granule, *, combined
+  x_NxD,
+  source_P,
+  gate_P,
+  z_PxF,
+  dy_MxD,
+  group_sizes_E,
+  weights,
+  expert_type,
+  activation,
+  block_size,
+  granule,
+  *,
+  combined,
 ):
   """Backward of `_block_loop_forward` (`combined`: it was called with num_outputs).
 
   Returns dx_NxD (each row's input cotangent added at its source), the gate
   cotangent of each sorted row (combined; else None), and the cotangents of the
-  four weight arrays (float32; the caller casts).
+  weight arrays in `weights` order (float32; the caller casts).
   """
-  w_in_ExDxF, _, w_out_ExFxD, b_out_ExD = weights
+  w_in, b_in, w_out_ExFxD, b_out_ExD = _expert_parts(expert_type, weights)
+  hidden_fn = _hidden_fn(expert_type, activation)
   num_rows = source_P.shape[0]
   d_model = x_NxD.shape[1]
-  num_experts, _, d_ff = w_in_ExDxF.shape
+  num_experts, _, d_ff = w_in[0].shape
   starts_E = _group_starts(group_sizes_E)
   acc = jnp.float32
 
   def per_expert(e, carry):
-    w_in_DxF, w_out_FxD, b_out_D = w_in_ExDxF[e], w_out_ExFxD[e], b_out_ExD[e]
+    w_in_DxF = _at_expert(e, w_in)
+    w_out_FxD, b_out_D = _at_expert(e, (w_out_ExFxD, b_out_ExD))
 
     def block(row, rows, valid, first, carry):
       dx_NxD, dgate_P, dw_in, db_in, dw_out, db_out = carry
@@ -252,13 +340,17 @@ def _block_loop_backward(
       # [D, F] per expert, most of the weight-gradient traffic when experts get one block each.
       accumulate = functools.partial(_store_at if first else _add_at, e=e)
       source_S = lax.dynamic_slice_in_dim(source_P, row, rows)
-      hidden_SxF, activation_vjp = jax.vjp(activation, lax.dynamic_slice_in_dim(z_PxF, row, rows))
+      # The vjp of the hidden function gives act' for any activation: dz = dhidden * act'(z)
+      # for the MLP; dgate = dhidden * up * act'(gate) and dup = dhidden * act(gate) gated.
+      hidden_SxF, hidden_vjp = jax.vjp(hidden_fn, *(lax.dynamic_slice_in_dim(z, row, rows) for z in z_PxF))
       if combined:
         # A row's output cotangent is gate * dy[token]. The gate's own cotangent dy[token] . y_row
         # follows from dy[token] W_out^T, computed anyway: y rows need not be kept from forward.
         dy_token_SxD = jnp.take(dy_MxD, source_S, axis=0, mode="clip")
         dhidden_token_SxF = jnp.einsum("sd,fd->sf", dy_token_SxD, w_out_FxD)
-        dgate_S = jnp.sum(dhidden_token_SxF * hidden_SxF, axis=-1) + dy_token_SxD @ b_out_D
+        dgate_S = jnp.sum(dhidden_token_SxF * hidden_SxF, axis=-1)
+        if b_out_D is not None:
+          dgate_S = dgate_S + dy_token_SxD @ b_out_D
         # Rows past `valid` are rewritten when their own group runs (or lie past the groups).
         dgate_P = lax.dynamic_update_slice_in_dim(dgate_P, dgate_S.astype(dgate_P.dtype), row, 0)
         # Zero gates on the other groups' rows zero every contribution of those rows.
@@ -268,32 +360,43 @@ def _block_loop_backward(
       else:
         dy_SxD = _own_rows(lax.dynamic_slice_in_dim(dy_MxD, row, rows), valid)
         dhidden_SxF = jnp.einsum("sd,fd->sf", dy_SxD, w_out_FxD)
-      (dz_SxF,) = activation_vjp(dhidden_SxF.astype(hidden_SxF.dtype))
-      dx_SxD = jnp.einsum("sf,df->sd", dz_SxF, w_in_DxF)
+      dz_SxF = hidden_vjp(dhidden_SxF.astype(hidden_SxF.dtype))
+      dx_SxD = jnp.einsum("sf,df->sd", dz_SxF[0], w_in_DxF[0])
+      for dz, w in zip(dz_SxF[1:], w_in_DxF[1:]):
+        dx_SxD = dx_SxD + jnp.einsum("sf,df->sd", dz, w)
       # The other groups' rows add 0 to their sources.
       dx_NxD = dx_NxD.at[source_S].add(dx_SxD.astype(dx_NxD.dtype), mode="promise_in_bounds")
       x_SxD = jnp.take(x_NxD, source_S, axis=0, mode="clip")
       dw_out = accumulate(
         dw_out, part=jnp.einsum("sf,sd->fd", hidden_SxF, dy_SxD, preferred_element_type=acc)
       )
-      db_out = accumulate(db_out, part=jnp.sum(dy_SxD, axis=0, dtype=acc))
-      dw_in = accumulate(dw_in, part=jnp.einsum("sd,sf->df", x_SxD, dz_SxF, preferred_element_type=acc))
-      db_in = accumulate(db_in, part=jnp.sum(dz_SxF, axis=0, dtype=acc))
+      if db_out is not None:
+        db_out = accumulate(db_out, part=jnp.sum(dy_SxD, axis=0, dtype=acc))
+      dw_in = tuple(
+        accumulate(dw, part=jnp.einsum("sd,sf->df", x_SxD, dz, preferred_element_type=acc))
+        for dw, dz in zip(dw_in, dz_SxF)
+      )
+      db_in = tuple(
+        None if db is None else accumulate(db, part=jnp.sum(dz, axis=0, dtype=acc))
+        for db, dz in zip(db_in, dz_SxF)
+      )
       return dx_NxD, dgate_P, dw_in, db_in, dw_out, db_out
 
     return _for_each_block(starts_E[e], group_sizes_E[e], block_size, granule, block, carry, mark_first=True)
 
-  # Zeros stay only in the gradients of experts that got no rows.
+  # Zeros stay only in the gradients of experts that got no rows; None for absent biases.
+  zeros = lambda shape, present=True: jnp.zeros(shape, acc) if present else None
   init = (
     jnp.zeros(x_NxD.shape, x_NxD.dtype),
     jnp.zeros((num_rows,) if combined else (0,), jnp.float32 if gate_P is None else gate_P.dtype),
-    jnp.zeros((num_experts, d_model, d_ff), acc),
-    jnp.zeros((num_experts, d_ff), acc),
-    jnp.zeros((num_experts, d_ff, d_model), acc),
-    jnp.zeros((num_experts, d_model), acc),
+    tuple(zeros((num_experts, d_model, d_ff)) for _ in w_in),
+    tuple(zeros((num_experts, d_ff), b is not None) for b in b_in),
+    zeros((num_experts, d_ff, d_model)),
+    zeros((num_experts, d_model), b_out_ExD is not None),
   )
-  dx_NxD, dgate_P, *weight_cotangents = lax.fori_loop(0, num_experts, per_expert, init)
-  return dx_NxD, (dgate_P if combined else None), weight_cotangents
+  init = _varying_like(init, x_NxD, source_P, gate_P, z_PxF, dy_MxD, group_sizes_E, weights)
+  dx_NxD, dgate_P, *parts = lax.fori_loop(0, num_experts, per_expert, init)
+  return dx_NxD, (dgate_P if combined else None), _weights_of_parts(expert_type, *parts)
 
 
 def _add_at(total_ExN, *, e, part):
@@ -308,8 +411,19 @@ def _store_at(total_ExN, *, e, part):
   return lax.dynamic_update_slice(total_ExN, part[None], (e,) + (0,) * part.ndim)
 
 
+def _cotangent_of(primal, cotangent):
+  """`cotangent` summed over the mesh axes it varies over and `primal` does not.
+
+  Inside `shard_map` an input that is the same on every device of an axis meets
+  varying ones here; its cotangent is the sum of every device's part (what autodiff
+  gives the implicit broadcast), and a `custom_vjp` must return it in the input's type.
+  """
+  extra = jax.typeof(cotangent).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying
+  return lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
+
+
 def _weight_cotangents(weights, cotangents):
-  return tuple(c.astype(w.dtype) for w, c in zip(weights, cotangents))
+  return tuple(_cotangent_of(w, c.astype(w.dtype)) for w, c in zip(weights, cotangents))
 
 
 def _padded_rows(num_rows: int, block_size: int) -> jax.Array:
@@ -318,24 +432,26 @@ def _padded_rows(num_rows: int, block_size: int) -> jax.Array:
   return jnp.pad(lax.iota(jnp.int32, num_rows), (0, block_size))
 
 
-# grouped_mlp: sorted rows in, sorted rows out.
+# grouped_experts: sorted rows in, sorted rows out.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _block_loop_grouped(x_AxD, group_sizes_E, weights, activation, block_size, granule):
-  return _block_loop_grouped_fwd(x_AxD, group_sizes_E, weights, activation, block_size, granule)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _block_loop_grouped(x_AxD, group_sizes_E, weights, expert_type, activation, block_size, granule):
+  return _block_loop_grouped_fwd(x_AxD, group_sizes_E, weights, expert_type, activation, block_size, granule)[
+    0
+  ]
 
 
-def _block_loop_grouped_fwd(x_AxD, group_sizes_E, weights, activation, block_size, granule):
+def _block_loop_grouped_fwd(x_AxD, group_sizes_E, weights, expert_type, activation, block_size, granule):
   num_rows = x_AxD.shape[0]
   source_P = _padded_rows(num_rows, block_size)
   y_PxD, z_PxF = _block_loop_forward(
-    x_AxD, source_P, None, group_sizes_E, weights, activation, block_size, granule
+    x_AxD, source_P, None, group_sizes_E, weights, expert_type, activation, block_size, granule
   )
   return y_PxD[:num_rows], (x_AxD, z_PxF, group_sizes_E, weights)
 
 
-def _block_loop_grouped_bwd(activation, block_size, granule, residuals, dy_AxD):
+def _block_loop_grouped_bwd(expert_type, activation, block_size, granule, residuals, dy_AxD):
   x_AxD, z_PxF, group_sizes_E, weights = residuals
   num_rows = x_AxD.shape[0]
   dy_PxD = jnp.pad(dy_AxD, ((0, block_size), (0, 0)))
@@ -347,12 +463,13 @@ def _block_loop_grouped_bwd(activation, block_size, granule, residuals, dy_AxD):
     dy_PxD,
     group_sizes_E,
     weights,
+    expert_type,
     activation,
     block_size,
     granule,
     combined=False,
   )
-  return dx_AxD, None, _weight_cotangents(weights, cotangents)
+  return _cotangent_of(x_AxD, dx_AxD), None, _weight_cotangents(weights, cotangents)
 
 
 _block_loop_grouped.defvjp(_block_loop_grouped_fwd, _block_loop_grouped_bwd)
@@ -363,16 +480,18 @@ _block_loop_grouped.defvjp(_block_loop_grouped_fwd, _block_loop_grouped_bwd)
 # token and adds dx per token inside the loop.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _block_loop_moe(x_TxD, weights_TxK, weights, sorted_, activation, block_size, granule):
-  return _block_loop_moe_fwd(x_TxD, weights_TxK, weights, sorted_, activation, block_size, granule)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _block_loop_moe(x_TxD, weights_TxK, weights, sorted_, expert_type, activation, block_size, granule):
+  return _block_loop_moe_fwd(
+    x_TxD, weights_TxK, weights, sorted_, expert_type, activation, block_size, granule
+  )[0]
 
 
 def _sorted_gates(weights_TxK, sorted_, block_size):
   return jnp.pad(weights_TxK.reshape(-1)[sorted_.order_A], (0, block_size))
 
 
-def _block_loop_moe_fwd(x_TxD, weights_TxK, weights, sorted_, activation, block_size, granule):
+def _block_loop_moe_fwd(x_TxD, weights_TxK, weights, sorted_, expert_type, activation, block_size, granule):
   # Pad rows read token 0 with gate 0.
   token_P = jnp.pad(sorted_.token_A, (0, block_size))
   y_TxD, z_PxF = _block_loop_forward(
@@ -381,6 +500,7 @@ def _block_loop_moe_fwd(x_TxD, weights_TxK, weights, sorted_, activation, block_
     _sorted_gates(weights_TxK, sorted_, block_size),
     sorted_.group_sizes_E,
     weights,
+    expert_type,
     activation,
     block_size,
     granule,
@@ -389,7 +509,7 @@ def _block_loop_moe_fwd(x_TxD, weights_TxK, weights, sorted_, activation, block_
   return y_TxD, (x_TxD, weights_TxK, weights, sorted_, z_PxF)
 
 
-def _block_loop_moe_bwd(activation, block_size, granule, residuals, dy_TxD):
+def _block_loop_moe_bwd(expert_type, activation, block_size, granule, residuals, dy_TxD):
   x_TxD, weights_TxK, weights, sorted_, z_PxF = residuals
   token_P = jnp.pad(sorted_.token_A, (0, block_size))
   dx_TxD, dgate_P, cotangents = _block_loop_backward(
@@ -400,6 +520,7 @@ def _block_loop_moe_bwd(activation, block_size, granule, residuals, dy_TxD):
     dy_TxD,
     sorted_.group_sizes_E,
     weights,
+    expert_type,
     activation,
     block_size,
     granule,
@@ -408,7 +529,12 @@ def _block_loop_moe_bwd(activation, block_size, granule, residuals, dy_TxD):
   # Masked tokens' assignments sit past the groups, where dgate_P is not written (or is a tail
   # block's leftover): their weights are a constant 0 upstream, so only unmasked ones matter.
   dweights_TxK = jnp.take(dgate_P, sorted_.rank_TxK, axis=0, mode="clip").astype(weights_TxK.dtype)
-  return dx_TxD, dweights_TxK, _weight_cotangents(weights, cotangents), None
+  return (
+    _cotangent_of(x_TxD, dx_TxD),
+    _cotangent_of(weights_TxK, dweights_TxK),
+    _weight_cotangents(weights, cotangents),
+    None,
+  )
 
 
 _block_loop_moe.defvjp(_block_loop_moe_fwd, _block_loop_moe_bwd)
@@ -418,23 +544,32 @@ _block_loop_moe.defvjp(_block_loop_moe_fwd, _block_loop_moe_bwd)
 # ragged_dot (GPU/TPU).
 
 
-def _combine(y_AxD, rank_TxK, weights_TxK):
+def combine_sorted_outputs(y_sorted_AxD: jax.Array, rank_TxK: jax.Array, weights_TxK: jax.Array) -> jax.Array:
+  """y[t] = sum_k weights[t, k] * y_sorted[rank[t, k]]: sorted rows back to tokens, [A, D] -> [T, D]."""
   # A sum over k (not an einsum) lets XLA fuse the row gathers instead of building [T, K, D].
   return sum(
-    weights_TxK[:, k, None].astype(y_AxD.dtype) * jnp.take(y_AxD, rank_TxK[:, k], axis=0, mode="clip")
+    weights_TxK[:, k, None].astype(y_sorted_AxD.dtype)
+    * jnp.take(y_sorted_AxD, rank_TxK[:, k], axis=0, mode="clip")
     for k in range(rank_TxK.shape[1])
   )
 
 
-def _ragged_dot_mlp(x_AxD, group_sizes_E, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, activation):
+def _ragged_dot_experts(x_AxD, group_sizes_E, weights, expert_type, activation):
+  w_in, b_in, w_out_ExFxD, b_out_ExD = _expert_parts(expert_type, weights)
   num_rows = x_AxD.shape[0]
-  num_experts = w_in_ExDxF.shape[0]
+  num_experts = w_out_ExFxD.shape[0]
   ends_E = jnp.cumsum(group_sizes_E)
   # Expert of each row; E (no expert, zero bias, zero output) past the last group.
   expert_A = jnp.searchsorted(ends_E, lax.iota(jnp.int32, num_rows), side="right")
-  bias = lambda b_ExN: jnp.take(b_ExN, expert_A, axis=0, mode="fill", fill_value=0)
-  hidden_AxF = activation(lax.ragged_dot(x_AxD, w_in_ExDxF, group_sizes_E) + bias(b_in_ExF))
-  y_AxD = lax.ragged_dot(hidden_AxF.astype(w_out_ExFxD.dtype), w_out_ExFxD, group_sizes_E) + bias(b_out_ExD)
+
+  def project(x_AxN, w_ExNxM, b_ExM):
+    y_AxM = lax.ragged_dot(x_AxN, w_ExNxM, group_sizes_E)
+    if b_ExM is None:
+      return y_AxM
+    return y_AxM + jnp.take(b_ExM, expert_A, axis=0, mode="fill", fill_value=0)
+
+  hidden_AxF = _hidden_fn(expert_type, activation)(*(project(x_AxD, w, b) for w, b in zip(w_in, b_in)))
+  y_AxD = project(hidden_AxF.astype(w_out_ExFxD.dtype), w_out_ExFxD, b_out_ExD)
   return jnp.where((expert_A < num_experts)[:, None], y_AxD, 0)
 
 
@@ -460,6 +595,49 @@ def _check_block(block_size: int, granule: int) -> None:
     raise ValueError(f"block_size must be a positive multiple of granule >= 1, got {block_size}, {granule}")
 
 
+def _check_weights(weights, expert_type: str) -> tuple[jax.Array, ...]:
+  """`weights` as a tuple, checked against `EXPERT_PARAMS_BY_TYPE[expert_type]`."""
+  if expert_type not in EXPERT_PARAMS_BY_TYPE:
+    raise ValueError(f"expert_type must be one of {tuple(EXPERT_PARAMS_BY_TYPE)}, got {expert_type!r}")
+  names = EXPERT_PARAMS_BY_TYPE[expert_type]
+  # A lone stacked array would pass a length check by its expert count.
+  if not isinstance(weights, (tuple, list)) or len(weights) != len(names):
+    got = f"{len(weights)} arrays" if isinstance(weights, (tuple, list)) else type(weights).__name__
+    raise ValueError(f"expert_type {expert_type!r} takes a tuple of weights {names}, got {got}")
+  return tuple(weights)
+
+
+def grouped_experts(
+  x_sorted_AxD: jax.Array,
+  group_sizes_E: jax.Array,
+  weights: Sequence[jax.Array],
+  activation: str | Activation = "relu",
+  *,
+  expert_type: str = "mlp",
+  method: str = "auto",
+  block_size: int = DEFAULT_BLOCK_SIZE,
+  granule: int = DEFAULT_GRANULE,
+) -> jax.Array:
+  """Row a of the first `group_sizes_E[0]` rows through expert 0, the next group through expert 1, ...
+
+  `weights` are the expert stack's arrays in `EXPERT_PARAMS_BY_TYPE[expert_type]`
+  order: mlp (w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD), gated
+  (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD). Returns y_sorted_AxD; rows past
+  `sum(group_sizes_E)` are 0. `activation` is a name from
+  `tmoe_jax.feedforward.ACTIVATIONS` or a callable (hashable, for jit).
+  """
+  weights = _check_weights(weights, expert_type)
+  method = resolve_method(method)
+  activation = _activation_fn(activation)
+  group_sizes_E = group_sizes_E.astype(jnp.int32)
+  if method == "ragged_dot":
+    return _ragged_dot_experts(x_sorted_AxD, group_sizes_E, weights, expert_type, activation)
+  _check_block(block_size, granule)
+  return _block_loop_grouped(
+    x_sorted_AxD, group_sizes_E, weights, expert_type, activation, block_size, granule
+  )
+
+
 def grouped_mlp(
   x_sorted_AxD: jax.Array,
   group_sizes_E: jax.Array,
@@ -473,33 +651,27 @@ def grouped_mlp(
   block_size: int = DEFAULT_BLOCK_SIZE,
   granule: int = DEFAULT_GRANULE,
 ) -> jax.Array:
-  """Row a of the first `group_sizes_E[0]` rows through expert 0's MLP, the next group through expert 1's, ...
-
-  Returns y_sorted_AxD; rows past `sum(group_sizes_E)` are 0. `activation` is a
-  name from `tmoe_jax.feedforward.ACTIVATIONS` or a callable (hashable, for jit).
-  """
-  method = resolve_method(method)
-  activation = _activation_fn(activation)
-  group_sizes_E = group_sizes_E.astype(jnp.int32)
-  if method == "ragged_dot":
-    return _ragged_dot_mlp(
-      x_sorted_AxD, group_sizes_E, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, activation
-    )
-  _check_block(block_size, granule)
-  weights = (w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD)
-  return _block_loop_grouped(x_sorted_AxD, group_sizes_E, weights, activation, block_size, granule)
+  """`grouped_experts` with MLP experts, the weights as separate arguments."""
+  return grouped_experts(
+    x_sorted_AxD,
+    group_sizes_E,
+    (w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD),
+    activation,
+    expert_type="mlp",
+    method=method,
+    block_size=block_size,
+    granule=granule,
+  )
 
 
 def dropless_moe(
   x_TxD: jax.Array,
   expert_indices_TxK: jax.Array,
   gates_TxK: jax.Array,
-  w_in_ExDxF: jax.Array,
-  b_in_ExF: jax.Array,
-  w_out_ExFxD: jax.Array,
-  b_out_ExD: jax.Array,
+  weights: Sequence[jax.Array],
   activation: str | Activation = "relu",
   *,
+  expert_type: str = "mlp",
   token_mask_T: jax.Array | None = None,
   method: str = "auto",
   block_size: int = DEFAULT_BLOCK_SIZE,
@@ -507,22 +679,21 @@ def dropless_moe(
 ) -> jax.Array:
   """y[t] = sum_k gates[t, k] * expert_{e[t, k]}(x[t]) for every token and choice: [T, D] -> [T, D].
 
-  Masked tokens (token_mask_T False) are not computed and give 0. The output
-  has the experts' compute dtype (x and weights promoted), like `combine_outputs`.
+  `weights` as in `grouped_experts`. Masked tokens (token_mask_T False) are not
+  computed and give 0. The output has the experts' compute dtype (x and weights
+  promoted), like `combine_outputs`.
   """
+  weights = _check_weights(weights, expert_type)
   method = resolve_method(method)
   activation = _activation_fn(activation)
-  num_experts = w_in_ExDxF.shape[0]
+  num_experts = weights[0].shape[0]
   sorted_ = sort_by_expert(expert_indices_TxK, num_experts, token_mask_T)
   weights_TxK = gates_TxK
   if token_mask_T is not None:
     weights_TxK = jnp.where(token_mask_T[:, None], weights_TxK, 0)
   if method == "ragged_dot":
     x_sorted_AxD = jnp.take(x_TxD, sorted_.token_A, axis=0)
-    y_sorted_AxD = _ragged_dot_mlp(
-      x_sorted_AxD, sorted_.group_sizes_E, w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD, activation
-    )
-    return _combine(y_sorted_AxD, sorted_.rank_TxK, weights_TxK)
+    y_sorted_AxD = _ragged_dot_experts(x_sorted_AxD, sorted_.group_sizes_E, weights, expert_type, activation)
+    return combine_sorted_outputs(y_sorted_AxD, sorted_.rank_TxK, weights_TxK)
   _check_block(block_size, granule)
-  weights = (w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD)
-  return _block_loop_moe(x_TxD, weights_TxK, weights, sorted_, activation, block_size, granule)
+  return _block_loop_moe(x_TxD, weights_TxK, weights, sorted_, expert_type, activation, block_size, granule)

@@ -132,16 +132,14 @@ class MoEFeedForward(nnx.Module):
       expert_bias_E=self.expert_bias[...] if config.expert_bias_rate else None,
     )
     if config.dispatch == "dropless":
-      experts = self.experts
+      weights = expert_parallel.expert_weights_of(self.experts, config.expert_type)
       y_TxD = dropless_moe(
         x_TxD.astype(config.dtype),
         route.expert_indices_TxK,
         route.gates_TxK,
-        *(
-          w[...].astype(config.dtype)
-          for w in (experts.w_in_ExDxF, experts.b_in_ExF, experts.w_out_ExFxD, experts.b_out_ExD)
-        ),
+        tuple(w.astype(config.dtype) for w in weights),
         config.activation,
+        expert_type=config.expert_type,
         token_mask_T=token_mask_T,
       )
       dropped_fraction = jnp.zeros((), jnp.float32)

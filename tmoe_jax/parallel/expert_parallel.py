@@ -32,11 +32,13 @@ balanced router. Here each shard contributes sums and counts, they are psum'd
 over every device, and only then divided and multiplied, so every statistic
 equals the single-device one on the whole batch (up to float summation order).
 
-Dropless (`capacity_factor=None`): C = T_local. top-k picks K distinct experts,
-so one device can send an expert at most T_local tokens, and nothing is ever
-dropped. The exchange stays fixed-size and padded (E/K times the real payload);
-`jax.lax.ragged_all_to_all` would send only real rows but XLA:CPU does not
-implement it, and it is not used here.
+Dropless (`capacity_factor=None`): no capacity, nothing dropped. Each device
+sorts its T_local * K assignments by expert and `ragged_exchange` sends every
+row once to its expert's device (`jax.lax.ragged_all_to_all` on GPU/TPU; a
+padded fixed-size all_to_all of T_local * min(K, E_local) rows per peer on CPU,
+where XLA has no ragged all-to-all), which runs only the rows it received with
+the grouped kernel of `moe.dropless`. With mesh.expert = 1 there is nothing to
+exchange and each device runs the single-device dropless layer on its tokens.
 """
 
 from __future__ import annotations
@@ -54,10 +56,12 @@ from jax.sharding import PartitionSpec as P
 
 from tmoe_jax.feedforward import ACTIVATIONS
 from tmoe_jax.moe.dispatch import assign_slots, combine_outputs, dispatch_tokens
+from tmoe_jax.moe.dropless import combine_sorted_outputs, dropless_moe, grouped_experts, sort_by_expert
 from tmoe_jax.moe.experts import EXPERT_FUNCTIONS
 from tmoe_jax.moe.routing import assign_slots_prioritized, check_top_k, top_k_route
 from tmoe_jax.moe.statistics import MoEAux
 from tmoe_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS, check_experts_divisible, num_token_shards
+from tmoe_jax.parallel.ragged_exchange import exchange_and_run_experts, max_slice_rows, resolve_exchange
 from tmoe_jax.parallel.sharding import EXPERT_PARAMS_BY_TYPE
 
 # ---------------------------------------------------------------------------
@@ -89,17 +93,20 @@ def local_capacity(tokens_per_shard: int, num_experts: int, top_k: int, capacity
 class AllToAllBytes:
   """All-to-all traffic of one expert-parallel MoE layer in one forward pass (backward moves as much again).
 
-  capacity: C per (device, expert).
-  buffer_bytes_per_device: one device's [E, C, D] buffer.
+  capacity: C per (device, expert); None for dropless.
+  rows_per_device: rows of one device's fixed-size send buffer: E * C with a
+    capacity, X * T_local * min(K, E_local) for the padded dropless exchange.
+  buffer_bytes_per_device: those rows' bytes.
   sent_bytes_per_device: what one device sends per forward pass, both exchanges
     (dispatch and return), without the 1/X of each buffer that stays local.
   total_bytes: sent_bytes_per_device summed over all devices.
   payload_bytes: the real (token, choice) rows among total_bytes if every
-    assignment were kept and routing were uniform: what an exact-size (ragged)
-    exchange would move; the rest is padding.
+    assignment were kept and routing were uniform: what the ragged exchange
+    (`jax.lax.ragged_all_to_all`, GPU/TPU) moves; the rest is padding.
   """
 
-  capacity: int
+  capacity: int | None
+  rows_per_device: int
   buffer_bytes_per_device: int
   sent_bytes_per_device: int
   total_bytes: int
@@ -123,13 +130,19 @@ def bytes_moved_per_layer(
     raise ValueError(f"num_tokens={num_tokens} must be divisible by data * expert = {shards}")
   itemsize = jnp.dtype(dtype).itemsize
   tokens_per_shard = num_tokens // shards
-  capacity = local_capacity(tokens_per_shard, num_experts, top_k, capacity_factor)
-  buffer_bytes = num_experts * capacity * d_model * itemsize
+  if capacity_factor is None:
+    capacity = None
+    rows = expert * max_slice_rows(tokens_per_shard, top_k, num_experts // expert)
+  else:
+    capacity = local_capacity(tokens_per_shard, num_experts, top_k, capacity_factor)
+    rows = num_experts * capacity
+  buffer_bytes = rows * d_model * itemsize
   remote_share = fractions.Fraction(expert - 1, expert)
   sent_per_device = int(2 * buffer_bytes * remote_share)
   payload = int(2 * num_tokens * top_k * d_model * itemsize * remote_share)
   return AllToAllBytes(
     capacity=capacity,
+    rows_per_device=rows,
     buffer_bytes_per_device=buffer_bytes,
     sent_bytes_per_device=sent_per_device,
     total_bytes=sent_per_device * shards,
@@ -166,14 +179,16 @@ def _exchange_and_run(
   return back_XxExCxD.reshape(num_experts, capacity, -1)
 
 
-def _global_stats(route, slots, token_mask_T: jax.Array, num_experts: int, top_k: int) -> MoEAux:
+def _global_stats(
+  route, kept_TxK: jax.Array, token_mask_T: jax.Array, num_experts: int, top_k: int
+) -> MoEAux:
   """Sums and counts on this shard, psum'd over every device, then divided: global statistics."""
   weight_T = token_mask_T.astype(jnp.float32)
   probs_TxE = route.router_probs_TxE
   log_z_T = jax.nn.logsumexp(route.router_logits_TxE, axis=-1)
   # Same clamp as `losses.router_entropy`.
   entropy_T = -jnp.sum(probs_TxE * jnp.log(jnp.maximum(probs_TxE, 1e-9)), axis=-1)
-  routed_TxK = jnp.broadcast_to(token_mask_T[:, None], slots.kept_TxK.shape)
+  routed_TxK = jnp.broadcast_to(token_mask_T[:, None], kept_TxK.shape)
   sums = {
     "tokens": jnp.sum(weight_T),
     "counts_E": jnp.einsum(
@@ -182,7 +197,7 @@ def _global_stats(route, slots, token_mask_T: jax.Array, num_experts: int, top_k
     "probs_E": jnp.einsum("te,t->e", probs_TxE, weight_T),
     "z_squared": jnp.sum(weight_T * log_z_T**2),
     "entropy": jnp.sum(weight_T * entropy_T),
-    "dropped": jnp.sum(routed_TxK & ~slots.kept_TxK).astype(jnp.float32),
+    "dropped": jnp.sum(routed_TxK & ~kept_TxK).astype(jnp.float32),
   }
   # The reduction must come before any product: see the module docstring.
   sums = jax.lax.psum(sums, BATCH_AXES)
@@ -217,6 +232,7 @@ def expert_parallel_moe(
   jitter_eps: float = 0.0,
   expert_bias_E: jax.Array | None = None,
   batch_prioritized: bool = False,
+  exchange: str = "auto",
 ) -> tuple[jax.Array, MoEAux]:
   """Top-k MoE layer with tokens split over ('data', 'expert') and experts over 'expert'.
 
@@ -239,6 +255,8 @@ def expert_parallel_moe(
       [T, E] noise is drawn once for the whole batch, outside the shard_map, so it
       is the noise the single-device layer would draw with the same key.
     batch_prioritized: BPR slot order (`routing.assign_slots_prioritized`), per device.
+    exchange: the dropless exchange, "ragged", "padded" or "auto" (ragged on
+      GPU/TPU, padded on CPU); see `ragged_exchange`. Unused with a capacity.
 
   Returns:
     y_TxD: [T, D] in `dtype`, split like x_TxD; dropped assignments contribute 0.
@@ -262,6 +280,7 @@ def expert_parallel_moe(
       f"the token count ({num_tokens}) must be divisible by mesh.data * mesh.expert = {shards}"
     )
   capacity = local_capacity(num_tokens // shards, num_experts, top_k, capacity_factor)
+  exchange = resolve_exchange(exchange)
   expert_fn = functools.partial(
     EXPERT_FUNCTIONS[expert_type], activation=ACTIVATIONS[activation], dtype=dtype
   )
@@ -290,6 +309,33 @@ def expert_parallel_moe(
     inputs["bias_E"] = expert_bias_E
     specs["bias_E"] = P()
 
+  def _dropless_on_device(x_TxD, route, mask_T, local_weights):
+    x_TxD = x_TxD.astype(dtype)
+    weights = tuple(w.astype(dtype) for w in local_weights)
+    if expert_axis_size == 1:
+      return dropless_moe(
+        x_TxD,
+        route.expert_indices_TxK,
+        route.gates_TxK,
+        weights,
+        activation,
+        expert_type=expert_type,
+        token_mask_T=mask_T,
+      )
+    sorted_ = sort_by_expert(route.expert_indices_TxK, num_experts, mask_T)
+    y_sorted_AxD = exchange_and_run_experts(
+      jnp.take(x_TxD, sorted_.token_A, axis=0),
+      sorted_.group_sizes_E,
+      functools.partial(grouped_experts, weights=weights, activation=activation, expert_type=expert_type),
+      axis_name=EXPERT_AXIS,
+      axis_size=expert_axis_size,
+      max_rows=max_slice_rows(num_tokens // shards, top_k, num_experts // expert_axis_size),
+      exchange=exchange,
+    )
+    return combine_sorted_outputs(
+      y_sorted_AxD, sorted_.rank_TxK, jnp.where(mask_T[:, None], route.gates_TxK, 0)
+    )
+
   def per_device(local):
     x_TxD = local["x_TxD"]
     mask_T = local["mask_T"]
@@ -303,6 +349,11 @@ def expert_parallel_moe(
       normalize_gates=normalize_gates,
       expert_bias_E=local.get("bias_E"),
     )
+    if capacity_factor is None:
+      y_TxD = _dropless_on_device(x_TxD, route, mask_T, local["experts"])
+      return y_TxD, _global_stats(
+        route, jnp.ones(route.expert_indices_TxK.shape, bool), mask_T, num_experts, top_k
+      )
     if batch_prioritized:
       slots = assign_slots_prioritized(
         route.expert_indices_TxK, route.router_probs_TxE, num_experts, capacity, mask_T
@@ -312,7 +363,7 @@ def expert_parallel_moe(
     buffer_ExCxD = dispatch_tokens(x_TxD, slots, num_experts, capacity)
     y_ExCxD = _exchange_and_run(buffer_ExCxD, local["experts"], expert_fn, expert_axis_size)
     y_TxD = combine_outputs(y_ExCxD, slots, route.gates_TxK)
-    return y_TxD, _global_stats(route, slots, mask_T, num_experts, top_k)
+    return y_TxD, _global_stats(route, slots.kept_TxK, mask_T, num_experts, top_k)
 
   stats_specs = MoEAux(
     load_balancing_loss=P(),
