@@ -205,6 +205,15 @@ def test_each_variant_trains_and_reports(tmp_path, model):
   assert (tmp_path / "checkpoints" / "3").is_dir()
 
 
+def test_an_expert_mesh_axis_is_refused_where_experts_cannot_be_split(tmp_path):
+  """No silent replication: this model has no expert-parallel layer, so mesh.expert > 1 is an error."""
+  config = _tiny_config()
+  config.mesh.data, config.mesh.expert = 1, 2
+  with pytest.raises(ConfigError, match="mesh.expert: the .* model keeps its experts replicated"):
+    loop.train_and_evaluate(config, tmp_path, RegressionTask(config))
+  assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
 @pytest.mark.parametrize("model", [{}, {"kind": "dense_mlp"}])
 def test_evaluator_is_the_mean_over_held_out_points_without_padding(model):
   config = _tiny_config(**model)  # 100 points in eval batches of 48: the last batch is padded

@@ -64,6 +64,7 @@ def eval_sums(params, model_state, batch, *, graphdef) -> dict[str, jax.Array]:
 class LanguageModelTask(Task):
   eval_split = "validation"
   throughput_unit = "tokens"
+  expert_parallel = True  # the Transformer's top-k MoE layers run on the mesh
 
   def __init__(self, config):
     super().__init__(config)

@@ -88,6 +88,7 @@ def decode_name(eval_config) -> str:
 class Seq2SeqTask(Task):
   eval_split = "test"
   throughput_unit = "tokens"
+  expert_parallel = True  # the Transformer's top-k MoE layers run on the mesh
 
   def __init__(self, config):
     super().__init__(config)

@@ -28,9 +28,9 @@ import tqdm
 from flax import nnx
 
 from tmoe_jax.config import TRAIN_LOOP_FIELDS, validate_fields
-from tmoe_jax.errors import TmoeError
+from tmoe_jax.errors import ConfigError, TmoeError
 from tmoe_jax.parallel import distributed, sharding
-from tmoe_jax.parallel.mesh import check_batch_divisible, make_mesh
+from tmoe_jax.parallel.mesh import check_batch_divisible, expert_axis_size, make_mesh
 from tmoe_jax.parallel.sharding import train_state_shardings
 from tmoe_jax.training import checkpointing, reporting, steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
@@ -75,6 +75,13 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
   is_main = distributed.is_main_process()
   train_config = config.train
   mesh = make_mesh(config.mesh.data, config.mesh.expert)
+  if expert_axis_size(mesh) > 1 and not task.expert_parallel:
+    name = config.get("task", type(task).__name__)
+    raise ConfigError(
+      f"mesh.expert: the {name} model keeps its experts replicated on every device (it has no "
+      f"expert-parallel layer); use mesh.expert=1 and put the devices on mesh.data, got "
+      f"mesh.expert={expert_axis_size(mesh)}"
+    )
   check_batch_divisible(train_config.batch_size, mesh)
   rows = distributed.process_batch_rows(train_config.batch_size)
   prepare_workdir(workdir, config, write=False)  # only checks: a bad model config must not write

@@ -30,6 +30,9 @@ class Task(abc.ABC):
 
   eval_split: str = "test"  # evaluated during training and at the end
   throughput_unit: str = "examples"  # train rows log `<unit>_per_second`
+  # Whether `build_model` splits MoE experts over the mesh's 'expert' axis; if not, the
+  # loop refuses mesh.expert > 1 rather than silently replicating the experts.
+  expert_parallel: bool = False
 
   def __init__(self, config):
     self.config = config
