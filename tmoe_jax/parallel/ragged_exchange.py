@@ -32,6 +32,7 @@ of an exchange is the reverse exchange).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -171,9 +172,9 @@ def exchange_and_run_experts(
   """
   exchange = resolve_exchange(exchange)
   if exchange == "ragged":
-    all_to_all = lambda *args: lax.ragged_all_to_all(*args, axis_name=axis_name)  # noqa: E731
+    all_to_all = functools.partial(lax.ragged_all_to_all, axis_name=axis_name)
   else:
-    all_to_all = lambda *args: padded_ragged_all_to_all(*args, axis_name=axis_name, max_rows=max_rows)  # noqa: E731
+    all_to_all = functools.partial(padded_ragged_all_to_all, axis_name=axis_name, max_rows=max_rows)
   plan = plan_exchange(group_sizes_E, axis_name=axis_name, axis_size=axis_size)
   num_rows = axis_size * max_rows
   received_RxD = all_to_all(
