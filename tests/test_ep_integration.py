@@ -70,6 +70,8 @@ def _step(config, mesh, sgd=True):
     (1, 8, {}),
     (4, 2, {"expert_bias_rate": 0.01, "router_jitter": 0.2, "batch_prioritized": True}),
     (2, 4, {"expert_type": "gated", "activation": "silu", "softmax_order": "after", "num_shared_experts": 1}),
+    (2, 4, {"dispatch": "dropless"}),
+    (1, 8, {"dispatch": "dropless", "expert_type": "gated", "activation": "silu"}),
   ],
 )
 def test_train_step_on_a_mesh_equals_the_single_device_step(data, expert, variants):
