@@ -30,14 +30,16 @@ def get_config() -> ml_collections.ConfigDict:
   model.moe_every = 1
   model.dispatch = "dropless"
 
+  # About 6.6 epochs of the 29,000 pairs: 36.4 BLEU greedy on test_2016_flickr, 39 minutes
+  # on the 2-core CPU (README, Experiments).
   config.train = common.train_section(
-    num_steps=6000,
+    num_steps=1500,
     batch_size=128,
     learning_rate=1e-3,
-    warmup_steps=400,
+    warmup_steps=150,
     label_smoothing=0.1,
-    eval_every=2000,
-    checkpoint_every=1000,
+    eval_every=500,
+    checkpoint_every=250,
   )
   config.eval = common.eval_section(
     beam_size=1,  # 1 = greedy
