@@ -1,6 +1,6 @@
 """TMOE on real translation: Multi30k German -> English with a Transformer-MoE.
 
-Every feed-forward block is a top-2 MoE layer with 4 experts (dropless dispatch,
+Every feed-forward block is a top-2 MoE layer with 8 experts (dropless dispatch,
 fast on CPU); `configs/tmoe_multi30k_dense.py` is the dense baseline with the
 same active parameters per token (d_ff = top_k * expert d_ff). Reports sacreBLEU
 on test_2016_flickr (greedy by default; --config.eval.beam_size=4 for beam search).
@@ -22,15 +22,17 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_heads = 4
   model.num_layers = 3
   model.num_decoder_layers = 3
-  model.d_ff = 512  # per expert; 2 of 4 experts run per token
+  model.d_ff = 512  # per expert; 2 of 8 experts run per token
   model.dropout_rate = 0.1
   model.max_length = 48
-  model.num_experts = 4
+  # 8 experts: 37.2 BLEU greedy / 37.0 beam 4 against the dense baseline's 36.6 / 37.1; 4 experts:
+  # 36.4 / 36.9 (README, Experiments).
+  model.num_experts = 8
   model.top_k = 2
   model.moe_every = 1
   model.dispatch = "dropless"
 
-  # About 6.6 epochs of the 29,000 pairs: 36.4 BLEU greedy on test_2016_flickr, 39 minutes
+  # About 6.6 epochs of the 29,000 pairs: 37.2 BLEU greedy on test_2016_flickr, 29 minutes
   # on the 2-core CPU (README, Experiments).
   config.train = common.train_section(
     num_steps=1500,
