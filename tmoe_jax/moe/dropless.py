@@ -595,7 +595,7 @@ def _check_block(block_size: int, granule: int) -> None:
     raise ValueError(f"block_size must be a positive multiple of granule >= 1, got {block_size}, {granule}")
 
 
-def _check_weights(weights, expert_type: str) -> tuple[jax.Array, ...]:
+def check_expert_weights(weights, expert_type: str) -> tuple[jax.Array, ...]:
   """`weights` as a tuple, checked against `EXPERT_PARAMS_BY_TYPE[expert_type]`."""
   if expert_type not in EXPERT_PARAMS_BY_TYPE:
     raise ValueError(f"expert_type must be one of {tuple(EXPERT_PARAMS_BY_TYPE)}, got {expert_type!r}")
@@ -626,7 +626,7 @@ def grouped_experts(
   `sum(group_sizes_E)` are 0. `activation` is a name from
   `tmoe_jax.feedforward.ACTIVATIONS` or a callable (hashable, for jit).
   """
-  weights = _check_weights(weights, expert_type)
+  weights = check_expert_weights(weights, expert_type)
   method = resolve_method(method)
   activation = _activation_fn(activation)
   group_sizes_E = group_sizes_E.astype(jnp.int32)
@@ -683,7 +683,7 @@ def dropless_moe(
   computed and give 0. The output has the experts' compute dtype (x and weights
   promoted), like `combine_outputs`.
   """
-  weights = _check_weights(weights, expert_type)
+  weights = check_expert_weights(weights, expert_type)
   method = resolve_method(method)
   activation = _activation_fn(activation)
   num_experts = weights[0].shape[0]

@@ -56,7 +56,13 @@ from jax.sharding import PartitionSpec as P
 
 from tmoe_jax.feedforward import ACTIVATIONS
 from tmoe_jax.moe.dispatch import assign_slots, combine_outputs, dispatch_tokens
-from tmoe_jax.moe.dropless import combine_sorted_outputs, dropless_moe, grouped_experts, sort_by_expert
+from tmoe_jax.moe.dropless import (
+  check_expert_weights,
+  combine_sorted_outputs,
+  dropless_moe,
+  grouped_experts,
+  sort_by_expert,
+)
 from tmoe_jax.moe.experts import EXPERT_FUNCTIONS
 from tmoe_jax.moe.routing import assign_slots_prioritized, check_top_k, top_k_route
 from tmoe_jax.moe.statistics import MoEAux
@@ -266,14 +272,7 @@ def expert_parallel_moe(
   num_experts = router_kernel_DxE.shape[-1]
   check_top_k(top_k, num_experts)
   check_experts_divisible(num_experts, mesh)
-  if expert_type not in EXPERT_FUNCTIONS:
-    raise ValueError(f"expert_type must be one of {tuple(EXPERT_FUNCTIONS)}, got {expert_type!r}")
-  expert_weights = tuple(expert_weights)
-  if len(expert_weights) != len(EXPERT_PARAMS_BY_TYPE[expert_type]):
-    raise ValueError(
-      f"expert_type {expert_type!r} takes weights {EXPERT_PARAMS_BY_TYPE[expert_type]}, "
-      f"got {len(expert_weights)} arrays"
-    )
+  expert_weights = check_expert_weights(expert_weights, expert_type)
   shards = num_token_shards(mesh)
   if num_tokens % shards:
     raise ValueError(
