@@ -19,7 +19,12 @@ is a trained parameter, and shares the same initial weights):
   dropless_block_loop   `tmoe_jax.moe.dropless`, the CPU kernel;
   dropless_ragged_dot   `tmoe_jax.moe.dropless` with `jax.lax.ragged_dot` (the GPU/TPU path);
   every_expert          every expert runs on every token, softmax-weighted sum (E/k times the FLOPs);
-  onehot_einsum         GShard: one-hot dispatch/combine tensors [T, E, C] and einsums, capacity 1.25.
+  onehot_einsum         GShard: one-hot dispatch/combine tensors [T, E, C] and einsums, capacity 1.25;
+  balanced_batched_einsum
+                        not a layer, a reference: the experts' matmuls alone as XLA's batched einsum
+                        over E groups of exactly T*k/E rows (the k copies of the tokens dealt out in
+                        order): perfect balance, no router, sort, gather or padding. On
+                        XLA:CPU it is slower than dropless_block_loop, which does all of those.
 Also the time of the Adam update alone, on all expert parameters (`adam_update_experts`)
 and on the dense FFN's (`adam_update_dense`).
 
@@ -64,6 +69,7 @@ DISPATCHES = (
   "dropless_ragged_dot",
   "every_expert",
   "onehot_einsum",
+  "balanced_batched_einsum",
 )
 
 
@@ -178,12 +184,29 @@ def onehot_einsum(layer: MoEFeedForward):
   return _expert_params(layer), apply
 
 
+def balanced_batched_einsum(layer: MoEFeedForward):
+  num_experts = layer.config.num_experts
+
+  def apply(params, x_TxD):
+    w_in, b_in, w_out, b_out = _weights(params)
+    num_tokens, d_model = x_TxD.shape
+    if (num_tokens * TOP_K) % num_experts:
+      raise ValueError(f"balanced_batched_einsum needs tokens * top_k divisible by num_experts {num_experts}")
+    x_ExCxD = jnp.broadcast_to(x_TxD, (TOP_K, num_tokens, d_model)).reshape(num_experts, -1, d_model)
+    hidden_ExCxF = jax.nn.relu(jnp.einsum("ecd,edf->ecf", x_ExCxD, w_in) + b_in[:, None])
+    y_ExCxD = jnp.einsum("ecf,efd->ecd", hidden_ExCxF, w_out) + b_out[:, None]
+    return jnp.mean(y_ExCxD.reshape(TOP_K, num_tokens, d_model), axis=0)
+
+  return _expert_params(layer), apply
+
+
 BUILDERS: dict[str, Callable[[MoEFeedForward], tuple[Any, Callable]]] = {
   "capacity": capacity,
   "dropless_block_loop": dropless_method("block_loop"),
   "dropless_ragged_dot": dropless_method("ragged_dot"),
   "every_expert": every_expert,
   "onehot_einsum": onehot_einsum,
+  "balanced_batched_einsum": balanced_batched_einsum,
 }
 
 

@@ -208,3 +208,56 @@ def test_torch_layers_compute_our_layers(jax_dispatch, torch_layer):
   with torch.no_grad():
     actual = module(torch.from_numpy(np.array(x_TxD))).numpy()
   np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+MOE_LAYER_KEYS = {
+  "dispatch",
+  "num_experts",
+  "top_k",
+  "seconds",
+  "ratio_to_dense",
+  "fwd_bwd_seconds",
+  "fwd_bwd_ratio_to_dense",
+}
+
+
+def test_moe_layer_main_writes_rows(tmp_path):
+  path = tmp_path / "moe_layer.json"
+  argv = ["--num-experts", "4", "--tokens", "16", "--repeats", "1"]
+  moe_layer.main(argv + ["--dispatch", "dense_ffn,capacity,balanced_batched_einsum", "--json", str(path)])
+  rows = json.loads(path.read_text())
+  assert [r["dispatch"] for r in rows] == [
+    "dense_ffn",
+    "capacity",
+    "balanced_batched_einsum",
+    "adam_update_experts",
+    "adam_update_dense",
+  ]
+  for row in rows:
+    assert MOE_LAYER_KEYS <= row.keys()
+    assert (row["num_experts"], row["top_k"]) == (4, moe_layer.TOP_K)
+  assert rows[0]["ratio_to_dense"] == rows[0]["fwd_bwd_ratio_to_dense"] == 1.0
+  for row in rows[1:3]:
+    assert row["ratio_to_dense"] == pytest.approx(row["seconds"] / rows[0]["seconds"])
+
+
+def test_balanced_batched_einsum_runs_each_expert_on_its_dealt_rows():
+  """Copy c of token t is row c*T + t of the dealt [T*k] rows; expert e owns rows e*C .. e*C+C-1."""
+  num_experts, tokens = 4, 6  # C = T*k/E = 3 rows per expert
+  config = MoEConfig(num_experts=num_experts, top_k=2, d_model=moe_layer.D_MODEL, d_ff=moe_layer.D_FF)
+  layer = MoEFeedForward(config, rngs=nnx.Rngs(0))
+  params, apply = moe_layer.BUILDERS["balanced_batched_einsum"](layer)
+  x_TxD = np.asarray(jax.random.normal(jax.random.key(1), (tokens, moe_layer.D_MODEL)))
+  w_in, b_in, w_out, b_out = (
+    np.asarray(params[k]) for k in ("w_in_ExDxF", "b_in_ExF", "w_out_ExFxD", "b_out_ExD")
+  )
+  rows_per_expert = tokens * 2 // num_experts
+  expected = np.zeros_like(x_TxD)
+  for copy in range(2):
+    for t in range(tokens):
+      e = (copy * tokens + t) // rows_per_expert
+      hidden = np.maximum(x_TxD[t] @ w_in[e] + b_in[e], 0.0)
+      expected[t] += (hidden @ w_out[e] + b_out[e]) / 2
+  np.testing.assert_allclose(np.asarray(jax.jit(apply)(params, x_TxD)), expected, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="divisible"):
+    apply(params, x_TxD[:5])
