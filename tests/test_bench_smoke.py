@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bench import memory, moe_layer, plot_time_per_token, train_step, vs_pytorch
+from bench import grouped_matmul, memory, moe_layer, plot_time_per_token, train_step, vs_pytorch
 from tmoe_jax.config import MoEConfig, TransformerConfig
 from tmoe_jax.moe.layer import MoEFeedForward
 
@@ -261,3 +261,48 @@ def test_balanced_batched_einsum_runs_each_expert_on_its_dealt_rows():
   np.testing.assert_allclose(np.asarray(jax.jit(apply)(params, x_TxD)), expected, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="divisible"):
     apply(params, x_TxD[:5])
+
+
+@pytest.mark.parametrize("matmul", list(grouped_matmul.MATMULS))
+def test_grouped_matmul_numpy_loop_computes_the_einsum(matmul):
+  a_shape, b_shape = grouped_matmul.operand_shapes(matmul, groups=3, rows=5, width=7)
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal(a_shape, dtype=np.float32)
+  b = rng.standard_normal(b_shape, dtype=np.float32)
+  expected = np.einsum(grouped_matmul.MATMULS[matmul], a, b)
+  np.testing.assert_allclose(grouped_matmul.numpy_matmul(matmul)(a, b), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_matmul_main_writes_rows(tmp_path):
+  path = tmp_path / "grouped_matmul.json"
+  grouped_matmul.main(["--num-experts", "2,4", "--tokens", "8", "--repeats", "1", "--json", str(path)])
+  rows = json.loads(path.read_text())
+  expected_cases = [
+    (library, matmul, groups)
+    for library in grouped_matmul.LIBRARIES
+    for matmul in grouped_matmul.MATMULS
+    for groups in (1, 2, 4)
+  ]
+  assert [(r["library"], r["matmul"], r["num_experts"]) for r in rows] == expected_cases
+  for row in rows:
+    assert row.keys() == {
+      "library",
+      "matmul",
+      "num_experts",
+      "rows_per_group",
+      "seconds",
+      "min_seconds",
+      "repeats",
+      "ratio_to_dense",
+    }
+    # Equal FLOPs: the groups share the k * tokens assignments, the dense case has its tokens.
+    assert row["rows_per_group"] == (
+      8 if row["num_experts"] == 1 else 8 * grouped_matmul.TOP_K // row["num_experts"]
+    )
+    if row["num_experts"] == 1:
+      assert row["ratio_to_dense"] == 1.0
+
+
+def test_grouped_matmul_rejects_uneven_groups():
+  with pytest.raises(SystemExit):
+    grouped_matmul.main(["--num-experts", "3", "--tokens", "8"])
