@@ -10,7 +10,8 @@ shapes (float32, perfect balance: every group has T*k/E rows):
   forward          x W:    dense [T, D] x [D, kF];   grouped E x [T*k/E, D] x [D, F]
   input_gradient   h W^T:  dense [T, kF] x [kF, D];  grouped E x [T*k/E, F] x [F, D]
   weight_gradient  x^T h:  dense [D, T] x [T, kF];   grouped E x [D, T*k/E] x [T*k/E, F]
-on two libraries, in one process and round-robin so that load hits all alike:
+on two libraries in one process, each library's cases round-robin so that load hits them
+alike, the libraries one after the other (see `bench`):
   xla      jitted `jnp.einsum` (XLA:CPU's own GEMM on CPU);
   openblas `np.matmul` on the stacked groups, which calls NumPy's BLAS (OpenBLAS in the
            NumPy wheels) once per group.

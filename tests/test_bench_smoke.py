@@ -264,7 +264,7 @@ def test_balanced_batched_einsum_runs_each_expert_on_its_dealt_rows():
 
 
 @pytest.mark.parametrize("matmul", list(grouped_matmul.MATMULS))
-def test_grouped_matmul_numpy_loop_computes_the_einsum(matmul):
+def test_grouped_matmul_numpy_matmul_computes_the_einsum(matmul):
   a_shape, b_shape = grouped_matmul.operand_shapes(matmul, groups=3, rows=5, width=7)
   rng = np.random.default_rng(0)
   a = rng.standard_normal(a_shape, dtype=np.float32)
