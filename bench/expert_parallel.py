@@ -35,7 +35,9 @@ from tmoe_jax.feedforward import ACTIVATIONS
 from tmoe_jax.moe import assign_slots, combine_outputs, dispatch_tokens, top_k_route
 from tmoe_jax.moe.experts import mlp_experts
 from tmoe_jax.moe.losses import load_balancing_loss, router_z_loss
-from tmoe_jax.parallel.expert_parallel import bytes_moved_per_layer, expert_parallel_moe, local_capacity
+from tmoe_jax.moe.dispatch import expert_capacity
+from tmoe_jax.moe.expert_parallel import bytes_moved_per_layer, expert_parallel_moe
+from tmoe_jax.moe.statistics import finalize
 from tmoe_jax.parallel.mesh import make_mesh
 from tmoe_jax.parallel.sharding import batch_sharding, tree_shardings
 
@@ -70,15 +72,23 @@ def single_device_layer(params, x_TxD, *, top_k, capacity):
 
 
 def expert_parallel_layer(params, x_TxD, *, top_k, capacity_factor, mesh):
-  y_TxD, stats = expert_parallel_moe(
-    x_TxD,
+  """One routing group per device, so capacity is sized as in the single-device rows' T_local."""
+  num_tokens, d_model = x_TxD.shape
+  groups = mesh.size
+  group_size = num_tokens // groups
+  num_experts = params["router"]["kernel"].shape[-1]
+  capacity = None if capacity_factor is None else expert_capacity(group_size, num_experts, top_k, capacity_factor)
+  y_GxSxD, sums = expert_parallel_moe(
+    x_TxD.reshape(groups, group_size, d_model),
+    jnp.ones((groups, group_size), bool),
     params["router"]["kernel"],
     _weights(params),
     mesh=mesh,
     top_k=top_k,
-    capacity_factor=capacity_factor,
+    capacity=capacity,
   )
-  return y_TxD, stats.load_balancing_loss, stats.router_z_loss
+  stats = finalize(sums, top_k)
+  return y_GxSxD.reshape(num_tokens, d_model), stats.load_balancing_loss, stats.router_z_loss
 
 
 def make_step(layer_fn, optimizer):
@@ -141,7 +151,7 @@ def main():
   print(f"{'variant':<28} {'median ms':>10} {'min ms':>8} {'1st call s':>10} {'all-to-all fwd bytes':>22}")
 
   # The single-device layer sizes capacity from the global token count.
-  capacity = local_capacity(num_tokens, args.experts, top_k, cf)
+  capacity = expert_capacity(num_tokens, args.experts, top_k, cf)
   device0 = jax.devices()[0]
   params = jax.device_put(fresh_params(), device0)
   step = make_step(lambda p, xx: single_device_layer(p, xx, top_k=top_k, capacity=capacity), optimizer)

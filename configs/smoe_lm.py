@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.capacity_factor = 1.25  # moe: expert slots per token-assignment in training
   config.model.eval_capacity_factor = 2.0
   config.model.dispatch = "capacity"  # moe: or "dropless"
+  config.model.sequences_per_group = 2  # moe: capacity is decided per group of this many windows
   config.model.smoe_keep_rate = 0.8  # share of the shared FFN's units each mask keeps
   # "gated_top1": the router's argmax; "sample_then_argmax": drawn from the router's softmax
   # for the first smoe_sample_steps training steps, then the argmax (the original sMoE).

@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.expert_bias_rate = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias
   config.model.num_shared_experts = 0  # DeepSeekMoE always-on experts beside the routed ones
   config.model.dispatch = "capacity"  # or "dropless": no capacity, nothing dropped
+  # Capacity and drop order are decided per routing group of this many whole sequences
+  # (0 = the whole batch is one group), so every device mesh trains the same model;
+  # train.batch_size / (mesh.data * mesh.expert) must be a multiple of it to run expert-parallel.
+  config.model.sequences_per_group = 4
   config.model.expert_type = "mlp"  # or "gated": SwiGLU with activation "silu", GeGLU with "gelu"
   # "sparse", or "smoe": one shared FFN whose router picks one of num_experts dropout masks
   config.model.moe_layer = "sparse"

@@ -2,7 +2,11 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Appended, not set by default: an environment that already has XLA_FLAGS (GPU users often
+# do) would otherwise give the tests one device and failing mesh tests.
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_COUNT_FLAG}=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import tempfile

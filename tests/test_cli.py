@@ -117,34 +117,3 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path):
   assert f"resumed from {workdir.absolute() / 'checkpoints'}/{stopped_at}" in result.stdout
   assert f"steps: {stopped_at + 2}" in result.stdout
   assert (workdir / "results.txt").exists()
-
-
-def test_default_run_logs_the_same_losses_on_a_2x4_mesh_as_on_one_device(tmp_path):
-  """The default experiment's first 20 steps: expert-parallel on (data=2, expert=4) vs one device.
-
-  Capacity dispatch decides drops per device's tokens (GShard groups), so the two runs agree
-  when nothing is dropped: capacity_factor = num_experts / top_k = 2 gives every expert room for
-  every token.
-  """
-  common = [
-    "--config.model.capacity_factor=2.0",
-    "--config.train.num_steps=20",
-    "--config.train.log_every=1",
-    "--config.train.eval_every=0",
-    "--config.train.checkpoint_every=0",
-    "--config.train.progress_bar=False",
-    "--config.data.num_test=64",
-  ]
-  losses = {}
-  for data, expert in ((2, 4), (1, 1)):
-    workdir = tmp_path / f"mesh_{data}x{expert}"
-    result = run_train(
-      *common, f"--config.mesh.data={data}", f"--config.mesh.expert={expert}", "--workdir", str(workdir)
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if r["split"] == "train"]
-    losses[data, expert] = np.array([r["loss"] for r in train_rows])
-    assert all(max(r["dropped_fraction"]) == 0 for r in train_rows)
-  assert len(losses[1, 1]) == 20
-  np.testing.assert_allclose(losses[2, 4], losses[1, 1], rtol=1e-4)

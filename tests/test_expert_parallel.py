@@ -1,17 +1,18 @@
 """Expert parallelism on 8 virtual CPU devices against the single-device MoE layer.
 
-The reference is the library's own single-device layer, `MoEFeedForward` (route,
-assign_slots, dispatch, MlpExperts, combine, losses), run on the whole batch
-with capacity ample enough that nothing drops on either side (the single-device
-capacity counts global tokens, the sharded one local tokens). Where capacity
-*does* bind, the reference is that layer run shard by shard in a Python loop,
-which is what per-device capacity means. Gradients are compared through
-`jax.grad` of one scalar that mixes the output and every auxiliary loss.
+The reference is the library's own single-device layer, `MoEFeedForward`, run
+on the whole batch with the same routing groups. Capacity is decided per
+group, so the sharded layer must match it on every mesh, also where capacity
+binds and tokens drop. Gradients are compared through `jax.grad` of one scalar
+that mixes the output and every auxiliary loss.
 
-Shapes: T tokens, D model width, F hidden width, E experts, K top-k.
+Shapes: B sequences of L tokens, T = B*L, G routing groups of S tokens, D model
+width, F hidden width, E experts, K top-k.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import chex
 import jax
@@ -25,19 +26,20 @@ from jax.sharding import PartitionSpec as P
 from tmoe_jax.config import MoEConfig
 from tmoe_jax.errors import ConfigError
 from tmoe_jax.moe import load_balancing_loss, top_k_route
+from tmoe_jax.moe.dispatch import expert_capacity
+from tmoe_jax.moe.expert_parallel import bytes_moved_per_layer, expert_parallel_moe
+from tmoe_jax.moe.experts import EXPERT_PARAMS_BY_TYPE, expert_weights_of
 from tmoe_jax.moe.layer import MoEFeedForward
-from tmoe_jax.parallel.expert_parallel import bytes_moved_per_layer, expert_parallel_moe, expert_weights_of
+from tmoe_jax.moe.statistics import finalize
 from tmoe_jax.parallel.mesh import make_mesh
-from tmoe_jax.parallel.sharding import (
-  EXPERT_PARAMS_BY_TYPE,
-  batch_shardings,
-  train_state_shardings,
-  tree_shardings,
-)
+from tmoe_jax.parallel.sharding import batch_shardings, train_state_shardings, tree_shardings
 from tmoe_jax.training.state import TrainState
 
-T, D, F, E, K = 64, 8, 16, 8, 2
-AMPLE = E / K  # capacity = T tokens globally, T_local per device: nothing drops
+B, L, D, F, E, K = 16, 4, 8, 16, 8, 2
+T = B * L
+SEQUENCES_PER_GROUP = 2
+G, S = B // SEQUENCES_PER_GROUP, SEQUENCES_PER_GROUP * L
+AMPLE = E / K  # capacity = S: nothing drops
 MESHES = [(1, 8), (2, 4), (8, 1)]
 TOL = {"atol": 2e-5, "rtol": 2e-5}
 
@@ -52,6 +54,7 @@ def _layer(expert_type="mlp", activation="relu", capacity_factor=AMPLE, seed=0):
     eval_capacity_factor=capacity_factor,
     activation=activation,
     expert_type=expert_type,
+    sequences_per_group=SEQUENCES_PER_GROUP,
   )
   layer = MoEFeedForward(config, rngs=nnx.Rngs(seed))
   # Non-zero biases, so a bias mixed up between experts would show.
@@ -83,10 +86,36 @@ def _scalar(y_TxD, aux, cotangent_TxD):
   )
 
 
+def _run_layer(layer, x_TxD, mask_T=None):
+  """The single-device layer on the [T, D] tokens as B sequences of L."""
+  mask_BxL = None if mask_T is None else mask_T.reshape(B, L)
+  y_BxLxD, aux = layer(x_TxD.reshape(B, L, D), mask_BxL, deterministic=False)
+  return y_BxLxD.reshape(T, D), aux
+
+
 def _reference_loss(params, x_TxD, mask_T, cotangent_TxD, graphdef, rest):
-  layer = nnx.merge(graphdef, params, rest)
-  y, aux = layer(x_TxD[None], mask_T[None], deterministic=False)
-  return _scalar(y[0], aux, cotangent_TxD), (y[0], aux)
+  y, aux = _run_layer(nnx.merge(graphdef, params, rest), x_TxD, mask_T)
+  return _scalar(y, aux, cotangent_TxD), (y, aux)
+
+
+def _capacity(capacity_factor):
+  return None if capacity_factor is None else expert_capacity(S, E, K, capacity_factor)
+
+
+def _expert_parallel(x_TxD, router_DxE, weights, *, mesh, capacity_factor, mask_T=None, **settings):
+  """`expert_parallel_moe` on the [T, D] tokens cut into the layer's G groups of S; (y_TxD, MoEAux)."""
+  mask_T = jnp.ones((T,), bool) if mask_T is None else mask_T
+  y, sums = expert_parallel_moe(
+    x_TxD.reshape(G, S, -1),
+    mask_T.reshape(G, S),
+    router_DxE,
+    weights,
+    mesh=mesh,
+    top_k=K,
+    capacity=_capacity(capacity_factor),
+    **settings,
+  )
+  return y.reshape(T, -1), finalize(sums, K)
 
 
 def _sharded_loss(
@@ -94,14 +123,13 @@ def _sharded_loss(
 ):
   layer_params = nnx.to_pure_dict(params)
   weights = tuple(layer_params["experts"][name] for name in EXPERT_PARAMS_BY_TYPE[expert_type])
-  y, stats = expert_parallel_moe(
+  y, stats = _expert_parallel(
     x_TxD,
     layer_params["router"]["kernel"],
     weights,
     mesh=mesh,
-    top_k=K,
     capacity_factor=capacity_factor,
-    token_mask_T=mask_T,
+    mask_T=mask_T,
     expert_type=expert_type,
     activation=activation,
   )
@@ -155,21 +183,20 @@ def test_outputs_losses_and_gradients_equal_the_single_device_layer(reference, d
 def test_gated_experts_equal_the_single_device_layer():
   layer = _layer(expert_type="gated", activation="silu")
   x_TxD, mask_T, _ = _inputs()
-  ref_y, ref_aux = layer(x_TxD[None], mask_T[None], deterministic=False)
+  ref_y, ref_aux = _run_layer(layer, x_TxD, mask_T)
   y, stats = jax.jit(
-    lambda x: expert_parallel_moe(
+    lambda x: _expert_parallel(
       x,
       layer.router.kernel[...],
       expert_weights_of(layer.experts, "gated"),
       mesh=make_mesh(2, 4),
-      top_k=K,
       capacity_factor=AMPLE,
       activation="silu",
-      token_mask_T=mask_T,
+      mask_T=mask_T,
       expert_type="gated",
     )
   )(x_TxD)
-  chex.assert_trees_all_close(y, ref_y[0], **TOL)
+  chex.assert_trees_all_close(y, ref_y, **TOL)
   chex.assert_trees_all_close(stats.load_balancing_loss, ref_aux.load_balancing_loss, **TOL)
 
 
@@ -204,39 +231,31 @@ def test_dropless_gated_experts_equal_the_single_device_layer():
   chex.assert_trees_all_close(nnx.to_pure_dict(grads[0]), nnx.to_pure_dict(ref_grads[0]), **TOL)
 
 
-def test_capacity_is_per_device_and_drops_match_the_layer_run_shard_by_shard():
-  """With binding capacity each device drops by its own C = ceil(cf * T_local * K / E)."""
-  data, expert, factor = 2, 4, 1.0
-  shards = data * expert
-  tokens_per_shard = T // shards
+@pytest.mark.parametrize("data, expert", MESHES)
+def test_binding_capacity_drops_the_same_tokens_on_every_mesh(data, expert):
+  """Capacity is per routing group, never per device: drops, outputs and gradients match one device."""
+  factor = 1.0
   layer = _layer(capacity_factor=factor)
-  # A skewed router so that several experts overflow on most shards.
+  # A skewed router so that several experts overflow in most groups.
   layer.router.kernel[...] = layer.router.kernel[...].at[:, 0].add(1.0)
-  x_TxD, mask_T, _ = _inputs()
-  y, stats = jax.jit(
-    lambda x: expert_parallel_moe(
-      x,
-      layer.router.kernel[...],
-      expert_weights_of(layer.experts),
-      mesh=make_mesh(data, expert),
-      top_k=K,
-      capacity_factor=factor,
-      token_mask_T=mask_T,
-    )
-  )(x_TxD)
-
-  shard_layer = jax.jit(lambda x, m: layer(x[None], m[None], deterministic=False))
-  ys, dropped, routed = [], 0.0, 0.0
-  for s in range(shards):
-    rows = slice(s * tokens_per_shard, (s + 1) * tokens_per_shard)
-    y_s, aux_s = shard_layer(x_TxD[rows], mask_T[rows])
-    ys.append(y_s[0])
-    assignments = float(jnp.sum(mask_T[rows])) * K
-    dropped += float(aux_s.dropped_fraction) * assignments
-    routed += assignments
-  assert dropped > 0.0, "the test needs capacity to bind"
-  chex.assert_trees_all_close(y, jnp.concatenate(ys), **TOL)
-  np.testing.assert_allclose(float(stats.dropped_fraction), dropped / routed, rtol=1e-5)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  x_TxD, mask_T, cotangent_TxD = _inputs()
+  reference = jax.value_and_grad(
+    lambda p: _reference_loss(p, x_TxD, mask_T, cotangent_TxD, graphdef, rest), has_aux=True
+  )
+  sharded = jax.value_and_grad(
+    lambda p: _sharded_loss(
+      p, x_TxD, mask_T, cotangent_TxD, mesh=make_mesh(data, expert), capacity_factor=factor
+    ),
+    has_aux=True,
+  )
+  (ref_value, (ref_y, ref_aux)), ref_grads = jax.jit(reference)(params)
+  (value, (y, stats)), grads = jax.jit(sharded)(params)
+  assert float(ref_aux.dropped_fraction) > 0.1, "the test needs capacity to bind"
+  chex.assert_trees_all_close(y, ref_y, **TOL)
+  chex.assert_trees_all_close(stats, ref_aux, **TOL)
+  chex.assert_trees_all_close(value, ref_value, **TOL)
+  chex.assert_trees_all_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads), **TOL)
 
 
 def test_dropless_never_drops_where_capacity_would():
@@ -246,18 +265,18 @@ def test_dropless_never_drops_where_capacity_would():
   x_TxD = jnp.abs(_inputs()[0])  # x >= 0 with a large router column: expert 3 is everyone's first choice
   mesh = make_mesh(2, 4)
   run = lambda cf: jax.jit(
-    lambda x: expert_parallel_moe(
-      x, layer.router.kernel[...], expert_weights_of(layer.experts), mesh=mesh, top_k=K, capacity_factor=cf
+    lambda x: _expert_parallel(
+      x, layer.router.kernel[...], expert_weights_of(layer.experts), mesh=mesh, capacity_factor=cf
     )
   )(x_TxD)
   _, tight = run(1.0)
   y, dropless = run(None)
-  ref_y, ref_aux = layer(x_TxD[None], deterministic=False)  # capacity E/K: T slots per expert
+  ref_y, ref_aux = _run_layer(layer, x_TxD)  # capacity E/K: S slots per expert
   assert float(tight.dropped_fraction) > 0.3
   assert float(dropless.dropped_fraction) == 0.0
   assert float(ref_aux.dropped_fraction) == 0.0
   np.testing.assert_allclose(float(dropless.expert_fraction_E[3]), 0.5, rtol=1e-6)
-  chex.assert_trees_all_close(y, ref_y[0], **TOL)
+  chex.assert_trees_all_close(y, ref_y, **TOL)
 
 
 def test_balancing_loss_is_global_not_a_mean_of_per_shard_losses():
@@ -274,9 +293,9 @@ def test_balancing_loss_is_global_not_a_mean_of_per_shard_losses():
   shard_T = jnp.repeat(jnp.arange(shards), tokens_per_shard)
   x_TxD = jax.nn.one_hot(shard_T, E) + 0.3 * jax.random.normal(jax.random.PRNGKey(0), (T, E))
   weights = expert_weights_of(_layer().experts)
-  _, stats = jax.jit(
-    lambda x: expert_parallel_moe(x, router_DxE, weights, mesh=mesh, top_k=K, capacity_factor=AMPLE)
-  )(x_TxD)
+  _, stats = jax.jit(lambda x: _expert_parallel(x, router_DxE, weights, mesh=mesh, capacity_factor=AMPLE))(
+    x_TxD
+  )
 
   route = top_k_route(x_TxD @ router_DxE, K)
   global_loss = load_balancing_loss(route.router_probs_TxE, route.expert_indices_TxK)
@@ -293,21 +312,20 @@ def test_balancing_loss_is_global_not_a_mean_of_per_shard_losses():
 
 
 def test_jitter_and_expert_bias_match_single_device_routing():
-  """The jitter noise is the draw the single-device router makes with the same key."""
+  """Jitter noise (drawn once for the batch, as `top_k_route` draws it) and a bias steer every mesh alike."""
   layer = _layer()
   x_TxD, _, _ = _inputs()
   key = jax.random.PRNGKey(7)
   bias_E = 0.05 * jnp.arange(E, dtype=jnp.float32)
+  noise_TxE = jax.random.uniform(key, (T, E), jnp.float32, minval=0.7, maxval=1.3)
   y, stats = jax.jit(
-    lambda x: expert_parallel_moe(
+    lambda x: _expert_parallel(
       x,
       layer.router.kernel[...],
       expert_weights_of(layer.experts),
       mesh=make_mesh(1, 8),
-      top_k=K,
       capacity_factor=None,
-      jitter_key=key,
-      jitter_eps=0.3,
+      jitter_GxSxE=noise_TxE.reshape(G, S, E),
       expert_bias_E=bias_E,
     )
   )(x_TxD)
@@ -327,27 +345,40 @@ def test_jitter_and_expert_bias_match_single_device_routing():
   )
 
 
-def test_token_count_and_expert_count_must_divide():
+def test_group_count_and_expert_count_must_divide():
   layer = _layer()
   weights = expert_weights_of(layer.experts)
-  with pytest.raises(ValueError, match="token count"):
+  with pytest.raises(ValueError, match="routing groups"):
     expert_parallel_moe(
-      jnp.zeros((60, D)),
+      jnp.zeros((6, S, D)),
+      jnp.ones((6, S), bool),
       layer.router.kernel[...],
       weights,
       mesh=make_mesh(2, 4),
       top_k=K,
-      capacity_factor=1.0,
+      capacity=2,
     )
   with pytest.raises(ConfigError, match=r"^model\.num_experts"):
     expert_parallel_moe(
-      jnp.zeros((T, D)),
+      jnp.zeros((G, S, D)),
+      jnp.ones((G, S), bool),
       jnp.zeros((D, 6)),
       tuple(w[:6] for w in weights),
       mesh=make_mesh(2, 4),
       top_k=K,
-      capacity_factor=1.0,
+      capacity=2,
     )
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_takes_the_one_device_path():
+  """12 sequences in groups of 2 = 6 groups for 8 devices: same math, not expert-parallel."""
+  mesh = make_mesh(2, 4)
+  layer, sharded_layer = _layer(), _layer()
+  sharded_layer.config = dataclasses.replace(sharded_layer.config, mesh=mesh)
+  x_BxLxD = jax.random.normal(jax.random.PRNGKey(3), (12, L, D))
+  chex.assert_trees_all_close(
+    jax.jit(lambda x: sharded_layer(x, deterministic=False))(x_BxLxD), layer(x_BxLxD, deterministic=False), **TOL
+  )
 
 
 def test_bytes_moved_per_layer_from_shapes():
@@ -366,6 +397,9 @@ def test_bytes_moved_per_layer_from_shapes():
   # 64 experts on 8 devices: 8 * T_local * 2 rows instead of E * T_local.
   assert bytes_moved_per_layer(2048, 128, 64, 2, None, data=1, expert=8).rows_per_device == 8 * 256 * 2
   assert bytes_moved_per_layer(2048, 128, 8, 2, 1.0, data=1, expert=8, dtype=jnp.bfloat16).capacity == 64
+  # Routing groups of 64 tokens: 4 groups per device of C = ceil(1.25 * 64 * 2 / 8) = 20 slots.
+  grouped = bytes_moved_per_layer(2048, 128, 8, 2, 1.25, data=1, expert=8, group_size=64)
+  assert grouped.capacity == 20 and grouped.rows_per_device == 4 * 8 * 20
 
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tmoe_jax.parallel import ragged_exchange
-from tmoe_jax.parallel.expert_parallel import expert_parallel_moe
+from tmoe_jax.moe.expert_parallel import expert_parallel_moe
 from tmoe_jax.parallel.mesh import make_mesh
 
 AXIS = "expert"
@@ -174,7 +174,14 @@ def test_the_ragged_exchange_lowers_to_ragged_all_to_all():
 
   def loss(x_TxD, weights):
     y, _ = expert_parallel_moe(
-      x_TxD, router_DxE, weights, mesh=mesh, top_k=2, capacity_factor=None, exchange="ragged"
+      x_TxD.reshape(4, tokens // 4, width),
+      jnp.ones((4, tokens // 4), bool),
+      router_DxE,
+      weights,
+      mesh=mesh,
+      top_k=2,
+      capacity=None,
+      exchange="ragged",
     )
     return jnp.sum(y**2)
 

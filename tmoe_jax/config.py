@@ -9,133 +9,24 @@ can print one clear message instead of a JAX traceback.
 from __future__ import annotations
 
 import dataclasses
-import fractions
-import math
 from typing import Any
 
 import jax.numpy as jnp
 
 from tmoe_jax.errors import ConfigError
-from tmoe_jax.parallel.mesh import EXPERT_AXIS, check_experts_divisible
+from tmoe_jax.moe.settings import (  # noqa: F401 (re-exported: the MoE settings are declared there)
+  ACTIVATIONS,
+  DISPATCHES,
+  EXPERT_TYPES,
+  ROUTERS,
+  SOFTMAX_ORDERS,
+  MoEConfig,
+)
+from tmoe_jax.validation import FieldRule, require, require_type, validate_fields  # noqa: F401
 
 POSITION_EMBEDDINGS = ("sinusoidal", "learned")
-ACTIVATIONS = ("relu", "gelu", "silu")
-ROUTERS = ("top_k", "expert_choice")
 MOE_LAYERS = ("sparse", "smoe")
-# capacity: fixed-size expert buffers, overflow dropped; dropless: every assignment computed
-# (`moe.dropless`: ragged_dot on GPU/TPU, a block loop on CPU), for router top_k and either
-# expert type.
-DISPATCHES = ("capacity", "dropless")
-EXPERT_TYPES = ("mlp", "gated")  # gated: SwiGLU with activation "silu", GeGLU with "gelu"
-SOFTMAX_ORDERS = ("before", "after")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def require(condition: bool, field: str, message: str) -> None:
-  """Raises ConfigError('<field>: <message>') unless `condition` holds."""
-  if not condition:
-    raise ConfigError(f"{field}: {message}")
-
-
-def require_type(value: Any, types: type | tuple[type, ...], field: str) -> None:
-  # bool is an int subclass; a flag written `=True` where a count is expected is a typo.
-  ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _as_tuple(types))
-  if not ok:
-    names = " or ".join(t.__name__ for t in _as_tuple(types))
-    raise ConfigError(f"{field}: expected {names}, got {value!r} ({type(value).__name__})")
-
-
-def _as_tuple(types):
-  return types if isinstance(types, tuple) else (types,)
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-  """Settings of one sparse MoE feed-forward layer.
-
-  Expert capacity counts all k assignments (GShard/MaxText convention):
-  `capacity = ceil(capacity_factor * tokens * top_k / num_experts)`, clipped to
-  `tokens` because an expert never receives the same token twice.
-  """
-
-  num_experts: int
-  top_k: int
-  d_model: int
-  d_ff: int
-  capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
-  normalize_gates: bool = True
-  activation: str = "relu"
-  router: str = "top_k"
-  softmax_order: str = "before"
-  router_jitter: float = 0.0
-  batch_prioritized: bool = False
-  expert_bias_rate: float = 0.0
-  num_shared_experts: int = 0
-  expert_type: str = "mlp"
-  dispatch: str = "capacity"
-  dtype: Any = jnp.float32
-  # A ('data', 'expert') jax.sharding.Mesh: top-k layers run expert-parallel on it
-  # (`parallel.expert_parallel`); None = the single-device layer.
-  mesh: Any = None
-
-  def __post_init__(self):
-    require(
-      self.dispatch in DISPATCHES, "model.dispatch", f"must be one of {DISPATCHES}, got {self.dispatch!r}"
-    )
-    require(
-      self.dispatch == "capacity" or self.router == "top_k",
-      "model.dispatch",
-      f"dropless needs router top_k (expert_choice fixes each expert's capacity), got {self.router!r}",
-    )
-    require(
-      self.expert_type in EXPERT_TYPES,
-      "model.expert_type",
-      f"must be one of {EXPERT_TYPES}, got {self.expert_type!r}",
-    )
-    require(self.router in ROUTERS, "model.router", f"must be one of {ROUTERS}, got {self.router!r}")
-    require(
-      self.softmax_order in SOFTMAX_ORDERS,
-      "model.softmax_order",
-      f"must be one of {SOFTMAX_ORDERS}, got {self.softmax_order!r}",
-    )
-    require(
-      0.0 <= self.router_jitter < 1.0, "model.router_jitter", f"must be in [0, 1), got {self.router_jitter}"
-    )
-    require(
-      self.expert_bias_rate >= 0.0, "model.expert_bias_rate", f"must be >= 0, got {self.expert_bias_rate}"
-    )
-    require(
-      self.num_shared_experts >= 0,
-      "model.num_shared_experts",
-      f"must be >= 0, got {self.num_shared_experts}",
-    )
-    require(self.num_experts >= 1, "model.num_experts", f"must be >= 1, got {self.num_experts}")
-    require(
-      1 <= self.top_k <= self.num_experts,
-      "model.top_k",
-      f"must be in [1, num_experts={self.num_experts}], got {self.top_k}",
-    )
-    require(self.capacity_factor > 0, "model.capacity_factor", f"must be > 0, got {self.capacity_factor}")
-    require(
-      self.eval_capacity_factor > 0,
-      "model.eval_capacity_factor",
-      f"must be > 0, got {self.eval_capacity_factor}",
-    )
-    require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
-    if self.mesh is not None:
-      check_experts_divisible(self.num_experts, self.mesh)
-      require(
-        self.router == "top_k" or self.mesh.shape[EXPERT_AXIS] == 1,
-        "model.router",
-        f"{self.router} has no expert-parallel path; use top_k, or mesh.expert=1",
-      )
-
-  def capacity(self, num_tokens: int, *, training: bool) -> int:
-    factor = self.capacity_factor if training else self.eval_capacity_factor
-    # Exact rational arithmetic: in floating point 1.1 * 90 / 3 rounds up to 34 slots, not 33.
-    capacity = math.ceil(fractions.Fraction(repr(factor)) * num_tokens * self.top_k / self.num_experts)
-    return max(1, min(capacity, num_tokens))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +59,7 @@ class TransformerConfig:
   num_shared_experts: int = 0
   expert_type: str = "mlp"
   dispatch: str = "capacity"
+  sequences_per_group: int = 0
   moe_layer: str = "sparse"
   smoe_keep_rate: float = 0.5
   dtype: Any = jnp.float32
@@ -251,9 +143,7 @@ class TransformerConfig:
     return cls(vocab_size=vocab_size, mesh=mesh, **values)
 
 
-# (field, type, condition on the value, what the condition says) for the run settings
-# every experiment shares; the model section is checked by the task.
-FieldRule = tuple[str, Any, Any, str]
+# The run settings every experiment shares; the model section is checked by the task.
 TRAIN_LOOP_FIELDS: tuple[FieldRule, ...] = (
   ("train.num_steps", int, lambda v: v >= 0, ">= 0"),
   ("train.batch_size", int, lambda v: v >= 1, ">= 1"),
@@ -283,30 +173,6 @@ SEQ2SEQ_FIELDS: tuple[FieldRule, ...] = (
   ("train.label_smoothing", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
   ("eval.beam_size", int, lambda v: v >= 1, ">= 1 (1 = greedy)"),
 )
-
-
-def _lookup(config, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    if part not in node:
-      raise ConfigError(f"{dotted}: missing from the config")
-    node = node[part]
-  return node
-
-
-def validate_fields(config, rules: tuple[FieldRule, ...], *, section: str = "") -> None:
-  """Checks each (field, type, condition, description) rule; ConfigError names the first bad field.
-
-  `section`: the name of `config` inside the run config (e.g. "data"), prefixed to field names in errors.
-  """
-  for field, types, condition, description in rules:
-    name = f"{section}.{field}" if section else field
-    try:
-      value = _lookup(config, field)
-    except ConfigError:
-      raise ConfigError(f"{name}: missing from the config") from None
-    require_type(value, types, name)
-    require(condition(value), name, f"must be {description}, got {value!r}")
 
 
 def validate_run_config(config) -> None:

@@ -95,6 +95,7 @@ class LanguageModelConfig:
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   dispatch: str = "capacity"
+  sequences_per_group: int = 0
   smoe_keep_rate: float = 0.8
   smoe_selection: str = "gated_top1"
   smoe_sample_steps: int = 1000
@@ -176,6 +177,7 @@ class LanguageModelConfig:
       eval_capacity_factor=self.eval_capacity_factor,
       activation=self.activation,
       dispatch=self.dispatch,
+      sequences_per_group=self.sequences_per_group,
       dtype=self.dtype,
       mesh=self.mesh,
     )

@@ -15,9 +15,23 @@ Scatter/gather by slot index costs O(T*K*D); the one-hot einsum formulation
 
 from __future__ import annotations
 
+import fractions
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+  """C = ceil(capacity_factor * tokens * top_k / num_experts), clipped to [1, tokens].
+
+  Counts all k assignments (the GShard/MaxText convention); an expert never gets
+  the same token twice, hence the clip. `num_tokens` is one routing group's.
+  Exact rational arithmetic: in floating point 1.1 * 90 / 3 rounds up to 34 slots, not 33.
+  """
+  capacity = math.ceil(fractions.Fraction(repr(capacity_factor)) * num_tokens * top_k / num_experts)
+  return max(1, min(capacity, num_tokens))
 
 
 @struct.dataclass

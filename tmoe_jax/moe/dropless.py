@@ -78,7 +78,7 @@ from flax import struct
 from jax import lax
 
 from tmoe_jax.feedforward import ACTIVATIONS
-from tmoe_jax.parallel.sharding import EXPERT_PARAMS_BY_TYPE
+from tmoe_jax.moe.experts import EXPERT_PARAMS_BY_TYPE
 
 METHODS = ("auto", "ragged_dot", "block_loop")
 DEFAULT_BLOCK_SIZE = 512

@@ -100,3 +100,14 @@ class GatedMlpExperts(nnx.Module):
 EXPERT_FUNCTIONS: dict[str, Callable] = {"mlp": mlp_experts, "gated": gated_experts}
 # config.expert_type -> expert stack class; both map [E, C, D] -> [E, C, D].
 EXPERT_TYPES = {"mlp": MlpExperts, "gated": GatedMlpExperts}
+# config.expert_type -> its stacked [E, ...] parameter names, in the order the pure expert
+# functions (and `moe.dropless`) take them; `parallel.sharding` splits exactly these on 'expert'.
+EXPERT_PARAMS_BY_TYPE: dict[str, tuple[str, ...]] = {
+  "mlp": ("w_in_ExDxF", "b_in_ExF", "w_out_ExFxD", "b_out_ExD"),
+  "gated": ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD"),
+}
+
+
+def expert_weights_of(experts: nnx.Module, expert_type: str = "mlp") -> tuple[jax.Array, ...]:
+  """The stacked weights of an `MlpExperts` / `GatedMlpExperts` module, in `EXPERT_FUNCTIONS` order."""
+  return tuple(getattr(experts, name)[...] for name in EXPERT_PARAMS_BY_TYPE[expert_type])

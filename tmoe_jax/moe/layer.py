@@ -1,8 +1,9 @@
 """The sparse MoE feed-forward layer: route -> dispatch -> experts -> combine.
 
-Shapes: B batch, L length, T = B*L tokens, D model width, E experts, K top-k,
-C capacity. The module only holds parameters; the math is the pure functions
-of `routing`, `expert_choice`, `dispatch` and `losses`.
+Shapes: B batch, L length, G routing groups of S tokens, D model width, E
+experts, K top-k. The module only holds parameters; the math is the pure
+functions of `token_choice` (top-k, on one device or expert-parallel via
+`expert_parallel`) and `expert_choice`.
 """
 
 from __future__ import annotations
@@ -11,16 +12,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tmoe_jax.config import MoEConfig
 from tmoe_jax.feedforward import FeedForward
-from tmoe_jax.moe import dispatch as dispatch_lib
 from tmoe_jax.moe import losses
-from tmoe_jax.moe.dropless import dropless_moe
 from tmoe_jax.moe.expert_choice import expert_choice_combine, expert_choice_dispatch, expert_choice_route
-from tmoe_jax.moe.experts import EXPERT_TYPES
-from tmoe_jax.moe.routing import assign_slots_prioritized, top_k_route, update_expert_bias
-from tmoe_jax.moe.statistics import MoEAux
-from tmoe_jax.parallel import expert_parallel
+from tmoe_jax.moe.expert_parallel import expert_parallel_moe
+from tmoe_jax.moe.experts import EXPERT_TYPES, expert_weights_of
+from tmoe_jax.moe.routing import update_expert_bias
+from tmoe_jax.moe.settings import MoEConfig
+from tmoe_jax.moe.statistics import MoEAux, finalize
+from tmoe_jax.moe.token_choice import local_experts, routing_groups, token_choice_moe
 from tmoe_jax.parallel.mesh import num_token_shards
 
 
@@ -89,111 +89,74 @@ class MoEFeedForward(nnx.Module):
     """
     config = self.config
     batch, length, d_model = x_BxLxD.shape
-    num_tokens = batch * length
-    x_TxD = x_BxLxD.reshape(num_tokens, d_model)
-    token_mask_T = None if token_mask_BxL is None else token_mask_BxL.reshape(-1)
-
+    if token_mask_BxL is None:
+      token_mask_BxL = jnp.ones((batch, length), bool)
     if config.router == "expert_choice":
+      x_TxD = x_BxLxD.reshape(batch * length, d_model)
       router_logits_TxE = self.router(x_TxD.astype(jnp.float32))
+      num_tokens = batch * length
       capacity = config.capacity(num_tokens, training=not deterministic) if drop_tokens else num_tokens
-      y_TxD, aux = self._expert_choice(x_TxD, router_logits_TxE, capacity, token_mask_T)
+      y_TxD, aux = self._expert_choice(x_TxD, router_logits_TxE, capacity, token_mask_BxL.reshape(-1))
+      y_BxLxD = y_TxD.reshape(batch, length, d_model)
     else:
-      jitter_key = None
-      if config.router_jitter and not deterministic:
-        if rngs is None:
-          raise ValueError("router_jitter > 0 needs `rngs` in training")
-        jitter_key = rngs.dropout()
-      # A token count that does not split over the mesh (a small last batch) takes the
-      # single-device path, which jit still runs correctly on the sharded weights.
-      # One device needs no shard_map: the local path keeps the fast CPU dropless kernel.
-      if config.mesh is not None and config.mesh.size > 1 and num_tokens % num_token_shards(config.mesh) == 0:
-        y_TxD, aux = self._expert_parallel(x_TxD, token_mask_T, jitter_key, deterministic, drop_tokens)
-      else:
-        router_logits_TxE = self.router(x_TxD.astype(jnp.float32))
-        capacity = config.capacity(num_tokens, training=not deterministic) if drop_tokens else num_tokens
-        y_TxD, aux = self._token_choice(x_TxD, router_logits_TxE, capacity, token_mask_T, jitter_key)
-      if config.expert_bias_rate and not deterministic:
-        self.expert_bias[...] = update_expert_bias(
-          self.expert_bias[...], aux.expert_fraction_E, rate=config.expert_bias_rate
-        )
+      y_BxLxD, aux = self._token_choice(x_BxLxD, token_mask_BxL, deterministic, drop_tokens, rngs)
     if config.num_shared_experts:
-      y_TxD = y_TxD + self.shared_experts(x_TxD)
-    return y_TxD.astype(x_BxLxD.dtype).reshape(batch, length, d_model), aux
+      y_BxLxD = y_BxLxD + self.shared_experts(x_BxLxD)
+    return y_BxLxD.astype(x_BxLxD.dtype), aux
 
-  def _token_choice(self, x_TxD, router_logits_TxE, capacity, token_mask_T, jitter_key):
+  def _token_choice(self, x_BxLxD, token_mask_BxL, deterministic, drop_tokens, rngs):
     config = self.config
-    route = top_k_route(
-      router_logits_TxE,
-      config.top_k,
-      softmax_order=config.softmax_order,
-      normalize_gates=config.normalize_gates,
-      jitter_key=jitter_key,
-      jitter_eps=config.router_jitter,
-      expert_bias_E=self.expert_bias[...] if config.expert_bias_rate else None,
-    )
+    batch, length, _ = x_BxLxD.shape
+    groups = routing_groups(batch, length, config.sequences_per_group)
     if config.dispatch == "dropless":
-      weights = expert_parallel.expert_weights_of(self.experts, config.expert_type)
-      y_TxD = dropless_moe(
-        x_TxD.astype(config.dtype),
-        route.expert_indices_TxK,
-        route.gates_TxK,
-        tuple(w.astype(config.dtype) for w in weights),
-        config.activation,
-        expert_type=config.expert_type,
-        token_mask_T=token_mask_T,
+      capacity = None
+    elif drop_tokens:
+      capacity = config.capacity(groups.group_size, training=not deterministic)
+    else:
+      capacity = groups.group_size
+    jitter_GxSxE = None
+    if config.router_jitter and not deterministic:
+      if rngs is None:
+        raise ValueError("router_jitter > 0 needs `rngs` in training")
+      # Drawn for the whole batch here, outside any shard_map, so every mesh sees the same noise.
+      noise_BxLxE = jax.random.uniform(
+        rngs.dropout(),
+        (batch, length, config.num_experts),
+        jnp.float32,
+        minval=1.0 - config.router_jitter,
+        maxval=1.0 + config.router_jitter,
       )
-      dropped_fraction = jnp.zeros((), jnp.float32)
+      jitter_GxSxE = groups.group(noise_BxLxE, pad_value=1.0)
+    settings = {
+      "top_k": config.top_k,
+      "capacity": capacity,
+      "softmax_order": config.softmax_order,
+      "normalize_gates": config.normalize_gates,
+      "batch_prioritized": config.batch_prioritized,
+      "jitter_GxSxE": jitter_GxSxE,
+      "expert_bias_E": self.expert_bias[...] if config.expert_bias_rate else None,
+    }
+    expert_settings = {"expert_type": config.expert_type, "activation": config.activation, "dtype": config.dtype}
+    x_GxSxD = groups.group(x_BxLxD)
+    mask_GxS = groups.group(token_mask_BxL.astype(bool), pad_value=False)
+    weights = expert_weights_of(self.experts, config.expert_type)
+    mesh = config.mesh
+    # Groups that do not split evenly over the devices (a small last batch) take the
+    # one-device path: the same math, which jit runs on the sharded weights.
+    if mesh is not None and mesh.size > 1 and groups.num_groups % num_token_shards(mesh) == 0:
+      y_GxSxD, sums = expert_parallel_moe(
+        x_GxSxD, mask_GxS, self.router.kernel[...], weights, mesh=mesh, **settings, **expert_settings
+      )
     else:
-      if config.batch_prioritized:
-        slots = assign_slots_prioritized(
-          route.expert_indices_TxK, route.router_probs_TxE, config.num_experts, capacity, token_mask_T
-        )
-      else:
-        slots = dispatch_lib.assign_slots(
-          route.expert_indices_TxK, config.num_experts, capacity, token_mask_T
-        )
-      expert_in_ExCxD = dispatch_lib.dispatch_tokens(x_TxD, slots, config.num_experts, capacity)
-      y_TxD = dispatch_lib.combine_outputs(self.experts(expert_in_ExCxD), slots, route.gates_TxK)
-      dropped_fraction = _dropped_fraction(slots.kept_TxK, token_mask_T)
-    aux = MoEAux(
-      load_balancing_loss=losses.load_balancing_loss(
-        route.router_probs_TxE, route.expert_indices_TxK, token_mask_T
-      ),
-      router_z_loss=losses.router_z_loss(route.router_logits_TxE, token_mask_T),
-      expert_fraction_E=losses.expert_assignment_fraction(
-        route.expert_indices_TxK, config.num_experts, token_mask_T
-      ),
-      dropped_fraction=dropped_fraction,
-      router_entropy=losses.router_entropy(route.router_probs_TxE, token_mask_T),
-    )
-    return y_TxD, aux
-
-  def _expert_parallel(self, x_TxD, token_mask_T, jitter_key, deterministic, drop_tokens):
-    """Top-k routing on the config's mesh; capacity is per device (see `parallel.expert_parallel`)."""
-    config = self.config
-    if not drop_tokens or config.dispatch == "dropless":
-      capacity_factor = None  # dropless: a padded fixed-size exchange
-    else:
-      capacity_factor = config.eval_capacity_factor if deterministic else config.capacity_factor
-    y_TxD, stats = expert_parallel.expert_parallel_moe(
-      x_TxD,
-      self.router.kernel[...],
-      expert_parallel.expert_weights_of(self.experts, config.expert_type),
-      mesh=config.mesh,
-      top_k=config.top_k,
-      capacity_factor=capacity_factor,
-      normalize_gates=config.normalize_gates,
-      activation=config.activation,
-      token_mask_T=token_mask_T,
-      softmax_order=config.softmax_order,
-      expert_type=config.expert_type,
-      dtype=config.dtype,
-      jitter_key=jitter_key,
-      jitter_eps=config.router_jitter,
-      expert_bias_E=self.expert_bias[...] if config.expert_bias_rate else None,
-      batch_prioritized=config.batch_prioritized,
-    )
-    return y_TxD, stats
+      y_GxSxD, sums = token_choice_moe(
+        x_GxSxD, mask_GxS, self.router.kernel[...], local_experts(weights, **expert_settings), **settings
+      )
+    aux = finalize(sums, config.top_k)
+    if config.expert_bias_rate and not deterministic:
+      self.expert_bias[...] = update_expert_bias(
+        self.expert_bias[...], aux.expert_fraction_E, rate=config.expert_bias_rate
+      )
+    return groups.ungroup(y_GxSxD), aux
 
   def _expert_choice(self, x_TxD, router_logits_TxE, capacity, token_mask_T):
     num_tokens = x_TxD.shape[0]
@@ -216,12 +179,3 @@ class MoEFeedForward(nnx.Module):
     )
     return y_TxD, aux
 
-
-def _dropped_fraction(kept_TxK: jax.Array, token_mask_T: jax.Array | None) -> jax.Array:
-  routed_TxK = (
-    jnp.ones_like(kept_TxK)
-    if token_mask_T is None
-    else jnp.broadcast_to(token_mask_T[:, None], kept_TxK.shape)
-  )
-  dropped = jnp.sum(routed_TxK & ~kept_TxK)
-  return dropped / jnp.maximum(jnp.sum(routed_TxK), 1)

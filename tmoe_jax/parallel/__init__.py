@@ -1,6 +1,5 @@
-"""Parallelism: the ('data', 'expert') device mesh, expert-parallel MoE and parameter shardings.
+"""Device primitives: the ('data', 'expert') mesh, multi-process start-up, parameter shardings and
+the ragged row exchange. The expert-parallel MoE layer built on them is `tmoe_jax.moe.expert_parallel`.
 
-Import the submodules (`mesh`, `expert_parallel`, `sharding`) directly. Nothing is
-re-exported here so that `tmoe_jax.config` can import `parallel.mesh` without pulling
-in `expert_parallel`, which imports `tmoe_jax.moe`, which imports `tmoe_jax.config`.
+Import the submodules (`mesh`, `distributed`, `sharding`, `ragged_exchange`) directly.
 """

@@ -19,15 +19,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tmoe_jax.errors import ConfigError
+from tmoe_jax.moe.experts import EXPERT_PARAMS_BY_TYPE
 from tmoe_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS, expert_axis_size
 from tmoe_jax.training.state import TrainState
 
-# Expert stack -> its stacked [E, ...] parameter names, in the order the pure expert
-# functions of `expert_parallel` take them. Must match `tmoe_jax.moe.experts`.
-EXPERT_PARAMS_BY_TYPE: dict[str, tuple[str, ...]] = {
-  "mlp": ("w_in_ExDxF", "b_in_ExF", "w_out_ExFxD", "b_out_ExD"),  # MlpExperts
-  "gated": ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD"),  # GatedMlpExperts
-}
 EXPERT_PARAM_NAMES: frozenset[str] = frozenset(
   name for names in EXPERT_PARAMS_BY_TYPE.values() for name in names
 )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Any
 
 from tmoe_jax.errors import ConfigError
 from tmoe_jax.parallel import distributed
 from tmoe_jax.training import loop
+from tmoe_jax.training import workdir as workdir_files
 from tmoe_jax.training.task import Task
 
 
@@ -21,7 +23,12 @@ def make_task(config) -> Task:
 
 
 def train(config, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains and evaluates the experiment `config` describes in `workdir`; returns its results."""
+  """Trains and evaluates the experiment `config` describes in `workdir`; returns its results.
+
+  A workdir written before some config keys existed resumes with the values it was trained with.
+  """
+  for note in workdir_files.adopt_keys_added_later(pathlib.Path(workdir), config):
+    sys.stderr.write(f"warning: {note}\n")
   return loop.train_and_evaluate(config, workdir, make_task(config))
 
 

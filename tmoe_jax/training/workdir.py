@@ -14,6 +14,24 @@ CHECKPOINT_DIR = "checkpoints"
 # Sections that fix the shapes of the parameters or the meaning of the data:
 # a workdir written with other values cannot be resumed.
 RESUME_INCOMPATIBLE_SECTIONS = ("task", "model", "data")
+# Keys a task's config gained after runs were written with it, each with the value that
+# reproduces how those older runs behaved. A saved config.json without the key reads as
+# if it had this value, so an old run resumes and loads unchanged.
+KEYS_ADDED_LATER: dict[str, dict[str, Any]] = {
+  # Before routing groups, capacity was decided over the whole batch: one group.
+  "seq2seq": {"model.sequences_per_group": 0},
+  "language_model": {"model.sequences_per_group": 0},
+}
+
+
+def _keys_missing_from(saved: dict[str, Any]) -> dict[str, Any]:
+  """The KEYS_ADDED_LATER of the saved run's task that its config lacks, with their old values."""
+  missing = {}
+  for dotted, value in KEYS_ADDED_LATER.get(saved.get("task"), {}).items():
+    section, key = dotted.split(".")
+    if isinstance(saved.get(section), dict) and key not in saved[section]:
+      missing[dotted] = value
+  return missing
 
 
 def read_saved_config_json(path: pathlib.Path) -> dict[str, Any]:
@@ -24,7 +42,37 @@ def read_saved_config_json(path: pathlib.Path) -> dict[str, Any]:
     raise WorkdirError(f"{path}: cannot read the saved config ({error})") from error
   if not isinstance(saved, dict):
     raise WorkdirError(f"{path}: the saved config is not a JSON object")
+  for dotted, value in _keys_missing_from(saved).items():
+    section, key = dotted.split(".")
+    saved[section][key] = value
   return saved
+
+
+def adopt_keys_added_later(workdir: pathlib.Path, config) -> list[str]:
+  """Sets, in `config`, each key the run saved in `workdir` predates to the value that run had.
+
+  Resuming an old run then trains on as it started, whatever the newer default.
+  Returns one line per key adopted, for a warning; [] for a new or current workdir.
+  """
+  path = workdir / CONFIG_FILE
+  if not path.is_file():
+    return []
+  try:
+    raw = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return []  # prepare_workdir reports the damaged file
+  if not isinstance(raw, dict) or raw.get("task") != config.get("task"):
+    return []
+  notes = []
+  for dotted, value in _keys_missing_from(raw).items():
+    section, key = dotted.split(".")
+    if section in config and key in config[section] and config[section][key] != value:
+      notes.append(
+        f"{dotted}: {path} predates this key; the run keeps the behaviour it was trained with, "
+        f"{value!r} (not {config[section][key]!r})"
+      )
+      config[section][key] = value
+  return notes
 
 
 def _section(config: dict[str, Any], name: str) -> dict[str, Any]:

@@ -1,0 +1,121 @@
+"""Settings of one sparse MoE layer, declared once: `MoEConfig`, and the names each setting accepts.
+
+Every model config that has MoE layers holds one (built from the flat `model.*`
+config keys); every check raises `ConfigError` naming the `model.*` field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from tmoe_jax.moe.dispatch import expert_capacity
+from tmoe_jax.parallel.mesh import EXPERT_AXIS, check_experts_divisible
+from tmoe_jax.validation import require
+
+ACTIVATIONS = ("relu", "gelu", "silu")
+ROUTERS = ("top_k", "expert_choice")
+# capacity: fixed-size expert buffers, overflow dropped; dropless: every assignment computed
+# (`moe.dropless`: ragged_dot on GPU/TPU, a block loop on CPU), for router top_k and either
+# expert type.
+DISPATCHES = ("capacity", "dropless")
+EXPERT_TYPES = ("mlp", "gated")  # gated: SwiGLU with activation "silu", GeGLU with "gelu"
+SOFTMAX_ORDERS = ("before", "after")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Settings of one sparse MoE feed-forward layer.
+
+  Expert capacity counts all k assignments (GShard/MaxText convention):
+  `capacity = ceil(capacity_factor * tokens * top_k / num_experts)`, clipped to
+  `tokens` because an expert never receives the same token twice, where
+  `tokens` is one routing group's: `sequences_per_group` whole sequences
+  (0 = the whole batch is one group), so capacity never depends on the mesh.
+  """
+
+  num_experts: int
+  top_k: int
+  d_model: int
+  d_ff: int
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  normalize_gates: bool = True
+  activation: str = "relu"
+  router: str = "top_k"
+  softmax_order: str = "before"
+  router_jitter: float = 0.0
+  batch_prioritized: bool = False
+  expert_bias_rate: float = 0.0
+  num_shared_experts: int = 0
+  expert_type: str = "mlp"
+  dispatch: str = "capacity"
+  sequences_per_group: int = 0
+  dtype: Any = jnp.float32
+  # A ('data', 'expert') jax.sharding.Mesh: top-k layers run expert-parallel on it
+  # (`moe.expert_parallel`); None = the single-device layer.
+  mesh: Any = None
+
+  def __post_init__(self):
+    require(
+      self.dispatch in DISPATCHES, "model.dispatch", f"must be one of {DISPATCHES}, got {self.dispatch!r}"
+    )
+    require(
+      self.dispatch == "capacity" or self.router == "top_k",
+      "model.dispatch",
+      f"dropless needs router top_k (expert_choice fixes each expert's capacity), got {self.router!r}",
+    )
+    require(
+      self.expert_type in EXPERT_TYPES,
+      "model.expert_type",
+      f"must be one of {EXPERT_TYPES}, got {self.expert_type!r}",
+    )
+    require(self.router in ROUTERS, "model.router", f"must be one of {ROUTERS}, got {self.router!r}")
+    require(
+      self.softmax_order in SOFTMAX_ORDERS,
+      "model.softmax_order",
+      f"must be one of {SOFTMAX_ORDERS}, got {self.softmax_order!r}",
+    )
+    require(
+      0.0 <= self.router_jitter < 1.0, "model.router_jitter", f"must be in [0, 1), got {self.router_jitter}"
+    )
+    require(
+      self.expert_bias_rate >= 0.0, "model.expert_bias_rate", f"must be >= 0, got {self.expert_bias_rate}"
+    )
+    require(
+      self.num_shared_experts >= 0,
+      "model.num_shared_experts",
+      f"must be >= 0, got {self.num_shared_experts}",
+    )
+    require(self.num_experts >= 1, "model.num_experts", f"must be >= 1, got {self.num_experts}")
+    require(
+      self.sequences_per_group >= 0,
+      "model.sequences_per_group",
+      f"must be >= 0 (0 = the whole batch is one routing group), got {self.sequences_per_group}",
+    )
+    require(
+      1 <= self.top_k <= self.num_experts,
+      "model.top_k",
+      f"must be in [1, num_experts={self.num_experts}], got {self.top_k}",
+    )
+    require(self.capacity_factor > 0, "model.capacity_factor", f"must be > 0, got {self.capacity_factor}")
+    require(
+      self.eval_capacity_factor > 0,
+      "model.eval_capacity_factor",
+      f"must be > 0, got {self.eval_capacity_factor}",
+    )
+    require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
+    if self.mesh is not None:
+      check_experts_divisible(self.num_experts, self.mesh)
+      require(
+        self.router == "top_k" or self.mesh.shape[EXPERT_AXIS] == 1,
+        "model.router",
+        f"{self.router} has no expert-parallel path; use top_k, or mesh.expert=1",
+      )
+
+  def capacity(self, group_size: int, *, training: bool) -> int:
+    """Slots per expert in a routing group of `group_size` tokens (`dispatch.expert_capacity`)."""
+    factor = self.capacity_factor if training else self.eval_capacity_factor
+    return expert_capacity(group_size, self.num_experts, self.top_k, factor)
