@@ -154,20 +154,21 @@ def transformer_config(
     "dispatch": dispatch,
     "dtype": DTYPES[dtype],
   }
-  return TransformerConfig(vocab_size=size.vocab_size, **{**fields, **size.model, **overrides})
+  return TransformerConfig.from_flat(vocab_size=size.vocab_size, **{**fields, **size.model, **overrides})
 
 
 def ffn_weights_per_token(config: TransformerConfig, layer_index: int) -> int:
   """Matmul weight entries one token passes through in this layer's FFN block."""
   if not config.is_moe_layer(layer_index):
     return 2 * config.d_model * config.d_ff
-  if config.moe_layer != "sparse" or config.router != "top_k":
+  moe = config.moe
+  if config.moe_layer != "sparse" or moe.router != "top_k":
     raise ValueError(f"FLOPs are counted for moe_layer 'sparse' with router 'top_k', got {config}")
-  matrices = {"mlp": 2, "gated": 3}[config.expert_type]
+  matrices = {"mlp": 2, "gated": 3}[moe.expert_type]
   return (
-    config.d_model * config.num_experts
-    + config.top_k * matrices * config.d_model * config.d_ff
-    + config.num_shared_experts * 2 * config.d_model * config.d_ff
+    config.d_model * moe.num_experts
+    + moe.top_k * matrices * config.d_model * config.d_ff
+    + moe.num_shared_experts * 2 * config.d_model * config.d_ff
   )
 
 
@@ -264,7 +265,9 @@ def bench_size(name: str, *, dtype: str, dispatch: str, repeats: int, log) -> di
     "seq_len": size.seq_len,
     "vocab_size": size.vocab_size,
     **{key: getattr(config, key) for key in ("d_model", "num_layers", "num_decoder_layers", "d_ff")},
-    **{key: getattr(config, key) for key in ("num_experts", "top_k", "moe_every")},
+    "num_experts": config.moe.num_experts,
+    "top_k": config.moe.top_k,
+    "moe_every": config.moe_every,
     "params": num_params,
     "tokens_per_step": tokens_per_step,
     **summary,

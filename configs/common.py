@@ -38,6 +38,28 @@ def eval_section(**overrides) -> ml_collections.ConfigDict:
   return evaluation
 
 
+def add_moe_settings(model: ml_collections.ConfigDict, **overrides) -> None:
+  """Adds every sparse-MoE key (`tmoe_jax.moe.settings.MoEConfig`) to a `model` section, with its default."""
+  model.num_experts = 4
+  model.top_k = 2
+  model.capacity_factor = 1.25  # expert slots per (token, choice) in training; overflow is dropped
+  model.eval_capacity_factor = 2.0
+  model.normalize_gates = True  # rescale the top-k gates to sum to 1 (k > 1)
+  model.router = "top_k"  # or "expert_choice" (not causal: encoder layers only)
+  model.softmax_order = "before"  # softmax then top-k (Switch/GShard); "after": Mixtral
+  model.router_jitter = 0.0  # multiplicative noise on router logits in training
+  model.batch_prioritized = False  # capacity goes to the most confident tokens first
+  model.expert_bias_rate = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias
+  model.num_shared_experts = 0  # DeepSeekMoE always-on experts beside the routed ones
+  model.dispatch = "capacity"  # or "dropless": no capacity, nothing dropped
+  model.expert_type = "mlp"  # or "gated": SwiGLU with activation "silu", GeGLU with "gelu"
+  # Capacity and drop order are decided per routing group of this many whole sequences
+  # (0 = the whole batch is one group), so every device mesh trains the same model;
+  # train.batch_size / (mesh.data * mesh.expert) must be a multiple of it to run expert-parallel.
+  model.sequences_per_group = 4
+  model.update(overrides)
+
+
 def mesh_section(data: int = -1, expert: int = 1) -> ml_collections.ConfigDict:
   """Device mesh: batch split over data * expert devices, experts over `expert` (-1 = the rest)."""
   mesh = ml_collections.ConfigDict()

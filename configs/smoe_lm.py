@@ -43,12 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.max_length = 128  # characters of context = training window length
   config.model.activation = "relu"  # or "gelu", "silu"
   config.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
-  config.model.num_experts = 10  # top-k experts, or sMoE dropout masks
-  config.model.top_k = 2  # experts per token (moe)
-  config.model.capacity_factor = 1.25  # moe: expert slots per token-assignment in training
-  config.model.eval_capacity_factor = 2.0
-  config.model.dispatch = "capacity"  # moe: or "dropless"
-  config.model.sequences_per_group = 2  # moe: capacity is decided per group of this many windows
+  # moe: top-k experts (and the sMoE's dropout masks: num_experts of them)
+  common.add_moe_settings(config.model, num_experts=10, top_k=2, sequences_per_group=2)
   config.model.smoe_keep_rate = 0.8  # share of the shared FFN's units each mask keeps
   # "gated_top1": the router's argmax; "sample_then_argmax": drawn from the router's softmax
   # for the first smoe_sample_steps training steps, then the argmax (the original sMoE).

@@ -32,24 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.max_length = 32
   config.model.activation = "relu"
   config.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
-  config.model.num_experts = 4
-  config.model.top_k = 2
   config.model.moe_every = 2  # every 2nd FFN is MoE; 1 = all, 0 = dense model
-  config.model.capacity_factor = 1.25
-  config.model.eval_capacity_factor = 2.0
-  config.model.normalize_gates = True
-  config.model.router = "top_k"  # or "expert_choice" (encoder-only MoE: not causal)
-  config.model.softmax_order = "before"  # softmax then top-k (Switch/GShard); "after": Mixtral
-  config.model.router_jitter = 0.0  # multiplicative noise on router logits in training
-  config.model.batch_prioritized = False  # capacity goes to the most confident tokens first
-  config.model.expert_bias_rate = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias
-  config.model.num_shared_experts = 0  # DeepSeekMoE always-on experts beside the routed ones
-  config.model.dispatch = "capacity"  # or "dropless": no capacity, nothing dropped
-  # Capacity and drop order are decided per routing group of this many whole sequences
-  # (0 = the whole batch is one group), so every device mesh trains the same model;
-  # train.batch_size / (mesh.data * mesh.expert) must be a multiple of it to run expert-parallel.
-  config.model.sequences_per_group = 4
-  config.model.expert_type = "mlp"  # or "gated": SwiGLU with activation "silu", GeGLU with "gelu"
+  common.add_moe_settings(config.model, num_experts=4, top_k=2)
   # "sparse", or "smoe": one shared FFN whose router picks one of num_experts dropout masks
   config.model.moe_layer = "sparse"
   config.model.smoe_keep_rate = 0.5  # sMoE: share of hidden units each mask keeps

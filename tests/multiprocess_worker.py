@@ -47,13 +47,13 @@ LEARNING_RATE = 0.5
 SCALAR_METRICS = ("loss", "aux_loss", "load_balancing_loss", "router_z_loss", "grad_norm")
 
 
-def model_config(mesh=None) -> TransformerConfig:
+def model_config() -> TransformerConfig:
   """d_model 16, 1 + 1 layers, every FFN an MoE of 4 experts, top-2, no dropout.
 
   capacity_factor E / K = 2: every expert has room for every token of a device, so
   no assignment drops on any mesh and the sharded step computes the same function.
   """
-  return TransformerConfig(
+  return TransformerConfig.from_flat(
     vocab_size=VOCAB_SIZE,
     d_model=16,
     num_heads=2,
@@ -67,7 +67,7 @@ def model_config(mesh=None) -> TransformerConfig:
     moe_every=1,
     capacity_factor=2.0,
     eval_capacity_factor=2.0,
-    mesh=mesh,
+    sequences_per_group=1,
   )
 
 
@@ -96,7 +96,7 @@ def init_state(mesh=None):
 
   def create():
     graphdef, state = create_train_state(
-      Transformer(model_config(mesh), rngs=nnx.Rngs(params=0)), optimizer, 0
+      Transformer(model_config(), mesh=mesh, rngs=nnx.Rngs(params=0)), optimizer, 0
     )
     graphdefs.append(graphdef)
     return state

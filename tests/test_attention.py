@@ -227,7 +227,7 @@ def _tiny_transformer(position_embedding="sinusoidal", share_embeddings=True, se
   number of tokens, so no assignment is ever dropped in teacher forcing or in
   one-token decoding steps, and the two paths compute the same function.
   """
-  config = TransformerConfig(
+  config = TransformerConfig.from_flat(
     vocab_size=VOCAB,
     d_model=16,
     num_heads=2,

@@ -91,19 +91,19 @@ def test_config_error_is_a_value_error_and_tmoe_error():
 def test_transformer_config_rejects_bad_values(overrides, field):
   """Each invalid setting raises ConfigError whose message starts with the field's name."""
   with pytest.raises(ConfigError, match=f"^{re.escape(field)}:"):
-    TransformerConfig(vocab_size=10, **overrides)
+    TransformerConfig.from_flat(vocab_size=10, **overrides)
 
 
 def test_transformer_config_defaults_are_valid_and_frozen():
   """The defaults build; the dataclass is immutable so modules cannot drift from it."""
-  config = TransformerConfig(vocab_size=10)
+  config = TransformerConfig.from_flat(vocab_size=10)
   with pytest.raises(dataclasses.FrozenInstanceError):
     config.d_model = 64  # type: ignore[misc]
 
 
-def test_moe_property_carries_the_moe_fields():
-  """TransformerConfig.moe hands every MoE-relevant field to MoEConfig unchanged."""
-  config = TransformerConfig(
+def test_the_nested_moe_settings_carry_the_moe_fields_and_the_models_shape():
+  """Flat MoE fields land in the nested MoEConfig unchanged; its shape is the model's."""
+  config = TransformerConfig.from_flat(
     vocab_size=10,
     d_model=32,
     d_ff=48,
@@ -139,7 +139,7 @@ def test_moe_property_carries_the_moe_fields():
 )
 def test_is_moe_layer_pattern(moe_every, expected):
   """Every moe_every-th feed-forward block (1-based) is MoE; 0 means a dense model."""
-  config = TransformerConfig(vocab_size=10, moe_every=moe_every)
+  config = TransformerConfig.from_flat(vocab_size=10, moe_every=moe_every)
   assert [config.is_moe_layer(i) for i in range(6)] == expected
 
 
@@ -153,9 +153,13 @@ def test_from_config_builds_from_shipped_model_section():
   config = TransformerConfig.from_config(model, vocab_size=50)
   assert config.vocab_size == 50
   for field in dataclasses.fields(TransformerConfig):
-    if field.name not in ("vocab_size", "dtype", "mesh"):
+    if field.name not in ("vocab_size", "dtype", "moe"):
       assert getattr(config, field.name) == model[field.name], field.name
-  assert config.dtype == jnp.float32
+  # Every MoE setting lives in the nested MoEConfig, read from the same flat keys.
+  for field in dataclasses.fields(MoEConfig):
+    if field.name != "dtype":
+      assert getattr(config.moe, field.name) == model[field.name], field.name
+  assert config.dtype == config.moe.dtype == jnp.float32
   assert TransformerConfig.from_config(_model_section(dtype="bfloat16"), vocab_size=5).dtype == jnp.bfloat16
 
 
@@ -163,7 +167,7 @@ def test_from_config_accepts_int_for_float_fields():
   """An int where a float is expected (dropout_rate = 0) is converted to float."""
   config = TransformerConfig.from_config(_model_section(dropout_rate=0, capacity_factor=2), vocab_size=5)
   assert isinstance(config.dropout_rate, float) and config.dropout_rate == 0.0
-  assert isinstance(config.capacity_factor, float) and config.capacity_factor == 2.0
+  assert isinstance(config.moe.capacity_factor, float) and config.moe.capacity_factor == 2.0
 
 
 @pytest.mark.parametrize(
@@ -187,6 +191,11 @@ def test_from_config_rejects_wrong_types_and_missing_fields(overrides, field):
   """Wrong types (str, float, bool for int; int for bool), unknown dtypes and missing fields name the field."""
   with pytest.raises(ConfigError, match=f"^{re.escape(field)}:"):
     TransformerConfig.from_config(_model_section(**overrides), vocab_size=50)
+
+
+def test_the_moe_layers_take_their_shape_from_the_model():
+  config = TransformerConfig(vocab_size=10, d_model=32, d_ff=64, moe=MoEConfig(num_experts=8, d_model=7, d_ff=5))
+  assert (config.moe.num_experts, config.moe.d_model, config.moe.d_ff) == (8, 32, 64)
 
 
 def test_from_config_missing_dtype_names_the_field():

@@ -12,8 +12,6 @@ width, F hidden width, E experts, K top-k.
 
 from __future__ import annotations
 
-import dataclasses
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -373,8 +371,9 @@ def test_group_count_and_expert_count_must_divide():
 def test_a_batch_that_does_not_split_over_the_mesh_takes_the_one_device_path():
   """12 sequences in groups of 2 = 6 groups for 8 devices: same math, not expert-parallel."""
   mesh = make_mesh(2, 4)
-  layer, sharded_layer = _layer(), _layer()
-  sharded_layer.config = dataclasses.replace(sharded_layer.config, mesh=mesh)
+  layer = _layer()
+  sharded_layer = MoEFeedForward(layer.config, mesh=mesh, rngs=nnx.Rngs(0))
+  nnx.update(sharded_layer, nnx.state(layer))
   x_BxLxD = jax.random.normal(jax.random.PRNGKey(3), (12, L, D))
   chex.assert_trees_all_close(
     jax.jit(lambda x: sharded_layer(x, deterministic=False))(x_BxLxD), layer(x_BxLxD, deterministic=False), **TOL

@@ -46,7 +46,7 @@ def _tiny_lm(ffn="dense", vocab_size=11, **kwargs) -> LanguageModel:
   fields = {"d_model": 16, "num_heads": 2, "num_layers": 2, "d_ff": 16, "max_length": 12, "num_experts": 4}
   fields.update(top_k=2, smoe_keep_rate=0.5)
   fields.update(kwargs)
-  return LanguageModel(LanguageModelConfig(vocab_size=vocab_size, ffn=ffn, **fields), rngs=nnx.Rngs(params=0))
+  return LanguageModel(LanguageModelConfig.from_flat(vocab_size=vocab_size, ffn=ffn, **fields), rngs=nnx.Rngs(params=0))
 
 
 def _tokens(batch=3, length=12, vocab_size=11, seed=0):
@@ -192,11 +192,11 @@ def test_widths_give_equal_active_parameters():
 
 def test_config_errors_name_the_field():
   with pytest.raises(ConfigError, match="model.ffn"):
-    LanguageModelConfig(vocab_size=10, ffn="sparse")
+    LanguageModelConfig.from_flat(vocab_size=10, ffn="sparse")
   with pytest.raises(ConfigError, match="model.d_ff"):
-    LanguageModelConfig(vocab_size=10, d_ff=15, top_k=2)
+    LanguageModelConfig.from_flat(vocab_size=10, d_ff=15, top_k=2)
   with pytest.raises(ConfigError, match="model.smoe_selection"):
-    LanguageModelConfig(vocab_size=10, smoe_selection="sample")
+    LanguageModelConfig.from_flat(vocab_size=10, smoe_selection="sample")
   model_section = _tiny_config().model.to_dict()
   with pytest.raises(ConfigError, match="model.d_model: expected int"):
     LanguageModelConfig.from_config({**model_section, "d_model": "128"}, vocab_size=10)

@@ -1,7 +1,9 @@
 """Typed model settings, built once from an `ml_collections.ConfigDict`.
 
 Modules never read a ConfigDict: `TransformerConfig.from_config` validates the
-`model` section at the boundary and every later consumer gets a frozen dataclass.
+`model` section at the boundary (with the one typed builder,
+`validation.settings_from_section`) and every later consumer gets a frozen
+dataclass; the MoE settings inside it are a nested `moe.settings.MoEConfig`.
 Every check raises `ConfigError` naming the offending field, so the command line
 can print one clear message instead of a JAX traceback.
 """
@@ -20,18 +22,31 @@ from tmoe_jax.moe.settings import (  # noqa: F401 (re-exported: the MoE settings
   EXPERT_TYPES,
   ROUTERS,
   SOFTMAX_ORDERS,
+  MOE_SHAPE_FIELDS,
+  LayerShape,
   MoEConfig,
 )
-from tmoe_jax.validation import FieldRule, require, require_type, validate_fields  # noqa: F401
+from tmoe_jax.validation import (  # noqa: F401 (require* re-exported for the model configs)
+  DTYPES,
+  FieldRule,
+  require,
+  require_type,
+  settings_from_section,
+  validate_fields,
+)
 
 POSITION_EMBEDDINGS = ("sinusoidal", "learned")
 MOE_LAYERS = ("sparse", "smoe")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Settings of the encoder-decoder Transformer (pre-LN, Vaswani et al. 2017)."""
+  """Settings of the encoder-decoder Transformer (pre-LN, Vaswani et al. 2017).
+
+  `moe` holds the MoE layers' settings (None = the defaults); its shape fields
+  (`LayerShape`) are set from this model's. Every `moe_every`-th feed-forward
+  block is MoE, of the kind `moe_layer` names.
+  """
 
   vocab_size: int
   d_model: int = 128
@@ -45,27 +60,15 @@ class TransformerConfig:
   position_embedding: str = "sinusoidal"
   max_length: int = 64
   activation: str = "relu"
-  num_experts: int = 4
-  top_k: int = 2
   moe_every: int = 2
-  capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
-  normalize_gates: bool = True
-  router: str = "top_k"
-  softmax_order: str = "before"
-  router_jitter: float = 0.0
-  batch_prioritized: bool = False
-  expert_bias_rate: float = 0.0
-  num_shared_experts: int = 0
-  expert_type: str = "mlp"
-  dispatch: str = "capacity"
-  sequences_per_group: int = 0
   moe_layer: str = "sparse"
   smoe_keep_rate: float = 0.5
   dtype: Any = jnp.float32
-  mesh: Any = None  # see MoEConfig.mesh; not a `model` config key (it comes from `mesh.data`/`mesh.expert`)
+  moe: MoEConfig | None = None
 
   def __post_init__(self):
+    # The MoE layers take their shape from this model, whatever `moe` was built with.
+    object.__setattr__(self, "moe", dataclasses.replace(self.moe or MoEConfig(), **self._moe_shape()))
     require(
       self.moe_layer in MOE_LAYERS, "model.moe_layer", f"must be one of {MOE_LAYERS}, got {self.moe_layer!r}"
     )
@@ -93,54 +96,36 @@ class TransformerConfig:
     )
     require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
     if self.moe_every:
-      self.moe  # validates the MoE fields now rather than at first use
       decoder_has_moe = any(self.is_moe_layer(i) for i in range(self.num_decoder_layers))
       require(
-        not (self.router == "expert_choice" and decoder_has_moe),
+        not (self.moe.router == "expert_choice" and decoder_has_moe),
         "model.router",
         "expert_choice is not causal (a token's experts depend on later tokens), so it cannot be used "
         "in decoder layers; use top_k, or moe_every larger than num_decoder_layers",
       )
 
-  @property
-  def moe(self) -> MoEConfig:
-    # The model section is flat (model.num_experts, ...): every MoEConfig field is
-    # also a TransformerConfig field of the same name.
-    values = {field.name: getattr(self, field.name) for field in dataclasses.fields(MoEConfig)}
-    if self.moe_layer == "smoe":
-      # sMoE's "experts" are masks over one replicated FFN: nothing to split over 'expert'.
-      values["mesh"] = None
-    return MoEConfig(**values)
+  def _moe_shape(self) -> dict[str, Any]:
+    return {name: getattr(self, name) for name in MOE_SHAPE_FIELDS}
 
   def is_moe_layer(self, layer_index: int) -> bool:
     """Every `moe_every`-th feed-forward block is MoE (Switch/GShard); 0 = none."""
     return self.moe_every > 0 and (layer_index + 1) % self.moe_every == 0
 
   @classmethod
-  def from_config(cls, model_config, *, vocab_size: int, mesh=None) -> TransformerConfig:
+  def from_flat(cls, **fields) -> TransformerConfig:
+    """Built from flat keyword fields, as the `model.*` config keys are: `num_experts=8, top_k=1, ...`
+
+    Fields of `MoEConfig` (other than its shape) go into `moe`; the rest are this model's.
+    """
+    moe_names = {field.name for field in dataclasses.fields(MoEConfig)} - set(MOE_SHAPE_FIELDS)
+    moe_fields = {name: fields.pop(name) for name in list(fields) if name in moe_names}
+    return cls(**fields, moe=MoEConfig(**moe_fields))
+
+  @classmethod
+  def from_config(cls, model_config, *, vocab_size: int) -> TransformerConfig:
     """Builds from the `model` section of a ConfigDict, type-checking each field."""
-    values = {}
-    for field in dataclasses.fields(cls):
-      if field.name in ("vocab_size", "mesh"):
-        continue
-      if field.name == "dtype":
-        if "dtype" not in model_config:
-          raise ConfigError("model.dtype: missing from the config")
-        dtype_name = model_config.dtype
-        require(dtype_name in DTYPES, "model.dtype", f"must be one of {tuple(DTYPES)}, got {dtype_name!r}")
-        values["dtype"] = DTYPES[dtype_name]
-        continue
-      if field.name not in model_config:
-        raise ConfigError(f"model.{field.name}: missing from the config")
-      value = model_config[field.name]
-      expected = type(field.default)
-      if expected is float:
-        require_type(value, (int, float), f"model.{field.name}")
-        value = float(value)
-      else:
-        require_type(value, expected, f"model.{field.name}")
-      values[field.name] = value
-    return cls(vocab_size=vocab_size, mesh=mesh, **values)
+    moe = MoEConfig.from_section(model_config, **dataclasses.asdict(settings_from_section(LayerShape, model_config)))
+    return settings_from_section(cls, model_config, vocab_size=vocab_size, moe=moe)
 
 
 # The run settings every experiment shares; the model section is checked by the task.

@@ -29,31 +29,35 @@ DECODER_LAYER_ID_OFFSET = 1000
 PAD_ID = 0
 
 
-def build_moe_layer(config: TransformerConfig, layer_id: int, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The MoE feed-forward layer named by `config.moe_layer` (both return (y, MoEAux))."""
+def build_moe_layer(config: TransformerConfig, layer_id: int, *, mesh=None, rngs: nnx.Rngs) -> nnx.Module:
+  """The MoE feed-forward layer named by `config.moe_layer` (both return (y, MoEAux)).
+
+  `mesh`: where sparse layers run expert-parallel; sMoE's "experts" are masks over one
+  replicated FFN, with nothing to split over 'expert'.
+  """
   if config.moe_layer == "smoe":
     # One mask set per layer, fixed by the layer's position: masks are data, not parameters.
     return SingleMixtureOfExperts(
       config.d_model,
       config.d_ff,
-      num_masks=config.num_experts,
+      num_masks=config.moe.num_experts,
       keep_rate=config.smoe_keep_rate,
       activation=config.activation,
       mask_seed=layer_id,
       dtype=config.dtype,
       rngs=rngs,
     )
-  return MoEFeedForward(config.moe, rngs=rngs)
+  return MoEFeedForward(config.moe, mesh=mesh, rngs=rngs)
 
 
 class FeedForwardBlock(nnx.Module):
   """Pre-LN residual feed-forward block, dense or MoE by `use_moe`."""
 
-  def __init__(self, config: TransformerConfig, use_moe: bool, layer_id: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: TransformerConfig, use_moe: bool, layer_id: int, *, mesh=None, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     self.use_moe = use_moe
     if use_moe:
-      self.ffn = build_moe_layer(config, layer_id, rngs=rngs)
+      self.ffn = build_moe_layer(config, layer_id, mesh=mesh, rngs=rngs)
     else:
       self.ffn = FeedForward(
         config.d_model,
@@ -80,7 +84,7 @@ class FeedForwardBlock(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
-  def __init__(self, config: TransformerConfig, layer_index: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: TransformerConfig, layer_index: int, *, mesh=None, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     self.attention = MultiHeadAttention(
       config.d_model,
@@ -90,7 +94,9 @@ class EncoderLayer(nnx.Module):
       rngs=rngs,
     )
     self.dropout = nnx.Dropout(config.dropout_rate)
-    self.feed_forward = FeedForwardBlock(config, config.is_moe_layer(layer_index), layer_index, rngs=rngs)
+    self.feed_forward = FeedForwardBlock(
+      config, config.is_moe_layer(layer_index), layer_index, mesh=mesh, rngs=rngs
+    )
 
   def __call__(self, x_BxSxD, mask_Bx1xSxS, token_mask_BxS, *, deterministic, rngs):
     normed = self.norm(x_BxSxD)
@@ -106,7 +112,7 @@ class DecoderLayerCache:
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, config: TransformerConfig, layer_index: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: TransformerConfig, layer_index: int, *, mesh=None, rngs: nnx.Rngs):
     def attention():
       return MultiHeadAttention(
         config.d_model,
@@ -122,7 +128,7 @@ class DecoderLayer(nnx.Module):
     self.cross_attention = attention()
     self.dropout = nnx.Dropout(config.dropout_rate)
     self.feed_forward = FeedForwardBlock(
-      config, config.is_moe_layer(layer_index), DECODER_LAYER_ID_OFFSET + layer_index, rngs=rngs
+      config, config.is_moe_layer(layer_index), DECODER_LAYER_ID_OFFSET + layer_index, mesh=mesh, rngs=rngs
     )
 
   def __call__(
@@ -175,7 +181,8 @@ class DecodeCache:
 class Transformer(nnx.Module):
   """Seq2seq Transformer; `__call__` returns (logits [B, L, V], tuple of MoEAux per MoE layer)."""
 
-  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: TransformerConfig, *, mesh=None, rngs: nnx.Rngs):
+    """`mesh`: a ('data', 'expert') mesh for the expert-parallel MoE layers; None = one device."""
     self.config = config
     embed_init = nnx.initializers.normal(config.d_model**-0.5)
     self.source_embedding = nnx.Embed(
@@ -194,10 +201,10 @@ class Transformer(nnx.Module):
       config.position_embedding, config.max_length, config.d_model, rngs=rngs
     )
     self.embedding_dropout = nnx.Dropout(config.dropout_rate)
-    self.encoder_layers = nnx.List([EncoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
+    self.encoder_layers = nnx.List([EncoderLayer(config, i, mesh=mesh, rngs=rngs) for i in range(config.num_layers)])
     self.encoder_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     self.decoder_layers = nnx.List(
-      [DecoderLayer(config, i, rngs=rngs) for i in range(config.num_decoder_layers)]
+      [DecoderLayer(config, i, mesh=mesh, rngs=rngs) for i in range(config.num_decoder_layers)]
     )
     self.decoder_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     if not config.share_embeddings:

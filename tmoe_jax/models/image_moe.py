@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from tmoe_jax.config import require, require_type
+from tmoe_jax.validation import require, settings_from_section
 from tmoe_jax.moe import losses
 from tmoe_jax.moe.experts import expert_kernel_init
 from tmoe_jax.moe.guided import guided_route
@@ -143,23 +143,9 @@ class ImageMoEConfig:
   @classmethod
   def from_config(cls, model_config, *, image_height: int, image_width: int, num_classes: int):
     """Type-checks every field of `model_config` this dataclass has and builds it."""
-    values = {}
-    for field in dataclasses.fields(cls):
-      if field.name in ("image_height", "image_width", "num_classes"):
-        continue
-      name = f"model.{field.name}"
-      require(field.name in model_config, name, "missing from the config")
-      value = model_config[field.name]
-      if isinstance(field.default, float):
-        require_type(value, (int, float), name)
-        value = float(value)
-      elif isinstance(field.default, tuple):
-        require_type(value, (tuple, list), name)
-        value = tuple(value)
-      else:
-        require_type(value, type(field.default), name)
-      values[field.name] = value
-    return cls(image_height=image_height, image_width=image_width, num_classes=num_classes, **values)
+    return settings_from_section(
+      cls, model_config, image_height=image_height, image_width=image_width, num_classes=num_classes
+    )
 
 
 # ----------------------------------------------------------------------------- pure functions

@@ -31,15 +31,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tmoe_jax.attention import MultiHeadAttention, causal_mask
-from tmoe_jax.config import (
-  ACTIVATIONS,
-  DISPATCHES,
-  DTYPES,
-  POSITION_EMBEDDINGS,
-  MoEConfig,
-  require,
-  require_type,
-)
+from tmoe_jax.config import ACTIVATIONS, POSITION_EMBEDDINGS
+from tmoe_jax.moe.settings import MOE_SHAPE_FIELDS, LayerShape, MoEConfig
+from tmoe_jax.validation import require, settings_from_section
 from tmoe_jax.embeddings import PositionEmbedding
 from tmoe_jax.feedforward import FeedForward
 from tmoe_jax.moe.layer import MoEFeedForward
@@ -78,7 +72,12 @@ def active_ffn_parameters(
 
 @dataclasses.dataclass(frozen=True)
 class LanguageModelConfig:
-  """Settings of the decoder-only LM, from the flat `model` config section."""
+  """Settings of the decoder-only LM, from the flat `model` config section.
+
+  `moe` holds the top-k MoE settings (every feature of `MoEConfig`; None = the
+  defaults); its shape is set from this model's, `d_ff / top_k` units per expert.
+  Its `num_experts` is also the sMoE's number of masks.
+  """
 
   vocab_size: int
   d_model: int = 128
@@ -90,22 +89,20 @@ class LanguageModelConfig:
   max_length: int = 128
   activation: str = "relu"
   ffn: str = "smoe"
-  num_experts: int = 10
-  top_k: int = 2
-  capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
-  dispatch: str = "capacity"
-  sequences_per_group: int = 0
   smoe_keep_rate: float = 0.8
   smoe_selection: str = "gated_top1"
   smoe_sample_steps: int = 1000
   smoe_mask_scaling: str = "mask_mean"
   dtype: Any = jnp.float32
-  mesh: Any = None  # a ('data', 'expert') mesh for expert-parallel MoE layers; not a config key
+  moe: MoEConfig | None = None
 
   def __post_init__(self):
+    top_k = (self.moe or MoEConfig(num_experts=10)).top_k
+    # The MoE layers take their shape from this model (hidden_width units per expert).
+    moe = dataclasses.replace(self.moe or MoEConfig(num_experts=10), **self._moe_shape(top_k))
+    object.__setattr__(self, "moe", moe)
     require(self.ffn in FFNS, "model.ffn", f"must be one of {FFNS}, got {self.ffn!r}")
-    for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_length", "num_experts"):
+    for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_length"):
       require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
     require(
       self.d_model % self.num_heads == 0,
@@ -122,14 +119,9 @@ class LanguageModelConfig:
     )
     require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
     require(
-      1 <= self.top_k <= self.num_experts,
-      "model.top_k",
-      f"must be in [1, num_experts={self.num_experts}], got {self.top_k}",
-    )
-    require(
-      self.d_ff % self.top_k == 0,
+      self.d_ff % top_k == 0,
       "model.d_ff",
-      f"must be a multiple of top_k={self.top_k} (each of the K experts has d_ff / K units), got {self.d_ff}",
+      f"must be a multiple of top_k={top_k} (each of the K experts has d_ff / K units), got {self.d_ff}",
     )
     require(
       0.0 < self.smoe_keep_rate <= 1.0,
@@ -150,69 +142,50 @@ class LanguageModelConfig:
       f"must be one of {MASK_SCALINGS}, got {self.smoe_mask_scaling!r}",
     )
     require(
-      self.dispatch in DISPATCHES, "model.dispatch", f"must be one of {DISPATCHES}, got {self.dispatch!r}"
+      self.ffn != "moe" or self.moe.router == "top_k",
+      "model.router",
+      f"{self.moe.router} is not causal (a token's experts depend on later tokens), so a language "
+      "model cannot use it; use top_k",
     )
-    if self.ffn == "moe":
-      _ = self.moe  # validates the MoE fields (and the mesh) now rather than at first use
+
+  def _moe_shape(self, top_k: int) -> dict[str, Any]:
+    width = ffn_hidden_width("moe", self.d_ff, top_k, self.smoe_keep_rate)
+    return {"d_model": self.d_model, "d_ff": width, "activation": self.activation, "dtype": self.dtype}
 
   @property
   def hidden_width(self) -> int:
-    return ffn_hidden_width(self.ffn, self.d_ff, self.top_k, self.smoe_keep_rate)
+    return ffn_hidden_width(self.ffn, self.d_ff, self.moe.top_k, self.smoe_keep_rate)
 
   @property
   def active_ffn_parameters(self) -> float:
     """Per layer and token; see `active_ffn_parameters`."""
     return active_ffn_parameters(
-      self.ffn, self.d_model, self.d_ff, self.num_experts, self.top_k, self.smoe_keep_rate
-    )
-
-  @property
-  def moe(self) -> MoEConfig:
-    return MoEConfig(
-      num_experts=self.num_experts,
-      top_k=self.top_k,
-      d_model=self.d_model,
-      d_ff=self.hidden_width,
-      capacity_factor=self.capacity_factor,
-      eval_capacity_factor=self.eval_capacity_factor,
-      activation=self.activation,
-      dispatch=self.dispatch,
-      sequences_per_group=self.sequences_per_group,
-      dtype=self.dtype,
-      mesh=self.mesh,
+      self.ffn, self.d_model, self.d_ff, self.moe.num_experts, self.moe.top_k, self.smoe_keep_rate
     )
 
   @classmethod
-  def from_config(cls, model_config, *, vocab_size: int, mesh=None) -> LanguageModelConfig:
+  def from_flat(cls, **fields) -> LanguageModelConfig:
+    """Built from flat keyword fields, as the `model.*` config keys are (`num_experts=4, top_k=1, ...`)."""
+    moe_names = {field.name for field in dataclasses.fields(MoEConfig)} - set(MOE_SHAPE_FIELDS)
+    moe_fields = {"num_experts": 10, **{name: fields.pop(name) for name in list(fields) if name in moe_names}}
+    return cls(**fields, moe=MoEConfig(**moe_fields))
+
+  @classmethod
+  def from_config(cls, model_config, *, vocab_size: int) -> LanguageModelConfig:
     """Builds from the `model` section, type-checking each field (ConfigError names the field)."""
-    values = {}
-    for field in dataclasses.fields(cls):
-      if field.name in ("vocab_size", "mesh"):
-        continue
-      name = f"model.{field.name}"
-      require(field.name in model_config, name, "missing from the config")
-      value = model_config[field.name]
-      if field.name == "dtype":
-        require(value in DTYPES, name, f"must be one of {tuple(DTYPES)}, got {value!r}")
-        value = DTYPES[value]
-      elif isinstance(field.default, float):
-        require_type(value, (int, float), name)
-        value = float(value)
-      else:
-        require_type(value, type(field.default), name)
-      values[field.name] = value
-    return cls(vocab_size=vocab_size, mesh=mesh, **values)
+    moe = MoEConfig.from_section(model_config, **dataclasses.asdict(settings_from_section(LayerShape, model_config)))
+    return settings_from_section(cls, model_config, vocab_size=vocab_size, moe=moe)
 
 
-def build_ffn(config: LanguageModelConfig, layer_index: int, *, rngs: nnx.Rngs) -> nnx.Module:
+def build_ffn(config: LanguageModelConfig, layer_index: int, *, mesh=None, rngs: nnx.Rngs) -> nnx.Module:
   """The feed-forward layer named by `config.ffn`, `config.hidden_width` units wide."""
   if config.ffn == "moe":
-    return MoEFeedForward(config.moe, rngs=rngs)
+    return MoEFeedForward(config.moe, mesh=mesh, rngs=rngs)
   if config.ffn == "smoe":
     return SingleMixtureOfExperts(
       config.d_model,
       config.hidden_width,
-      num_masks=config.num_experts,
+      num_masks=config.moe.num_experts,
       keep_rate=config.smoe_keep_rate,
       activation=config.activation,
       # Per token: routing a whole sequence on its mean would leak later tokens into earlier
@@ -233,12 +206,12 @@ def build_ffn(config: LanguageModelConfig, layer_index: int, *, rngs: nnx.Rngs) 
 class DecoderBlock(nnx.Module):
   """Pre-LN causal self-attention, then the feed-forward layer, each with a residual and dropout."""
 
-  def __init__(self, config: LanguageModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: LanguageModelConfig, layer_index: int, *, mesh=None, rngs: nnx.Rngs):
     self.ffn_kind = config.ffn
     self.attention_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     self.attention = MultiHeadAttention(config.d_model, config.num_heads, dtype=config.dtype, rngs=rngs)
     self.ffn_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
-    self.ffn = build_ffn(config, layer_index, rngs=rngs)
+    self.ffn = build_ffn(config, layer_index, mesh=mesh, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate)
 
   def __call__(
@@ -264,7 +237,8 @@ class LanguageModel(nnx.Module):
   Input and output embeddings are tied (as `Transformer` with shared embeddings).
   """
 
-  def __init__(self, config: LanguageModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: LanguageModelConfig, *, mesh=None, rngs: nnx.Rngs):
+    """`mesh`: a ('data', 'expert') mesh for expert-parallel top-k MoE layers; None = one device."""
     self.config = config
     self.embedding = nnx.Embed(
       config.vocab_size,
@@ -277,7 +251,7 @@ class LanguageModel(nnx.Module):
       config.position_embedding, config.max_length, config.d_model, rngs=rngs
     )
     self.embedding_dropout = nnx.Dropout(config.dropout_rate)
-    self.layers = nnx.List([DecoderBlock(config, i, rngs=rngs) for i in range(config.num_layers)])
+    self.layers = nnx.List([DecoderBlock(config, i, mesh=mesh, rngs=rngs) for i in range(config.num_layers)])
     self.final_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
 
   def __call__(

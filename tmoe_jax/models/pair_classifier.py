@@ -36,9 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmoe_jax.config import DTYPES, require, require_type
+from tmoe_jax.validation import require, settings_from_section
 from tmoe_jax.data.word_vocabulary import WordVocabulary
-from tmoe_jax.errors import ConfigError
 from tmoe_jax.moe.sequence_moe import SequenceMoE
 from tmoe_jax.moe.statistics import MoEAux
 
@@ -238,24 +237,7 @@ class PairClassifierConfig:
   @classmethod
   def from_config(cls, model_config, *, vocab_size: int) -> PairClassifierConfig:
     """Builds from the `model` section of a ConfigDict, type-checking each field."""
-    values = {}
-    for field in dataclasses.fields(cls):
-      if field.name == "vocab_size":
-        continue
-      name = f"model.{field.name}"
-      if field.name not in model_config:
-        raise ConfigError(f"{name}: missing from the config")
-      value = model_config[field.name]
-      if field.name == "dtype":
-        require(value in DTYPES, name, f"must be one of {tuple(DTYPES)}, got {value!r}")
-        values["dtype"] = DTYPES[value]
-      elif isinstance(field.default, float):
-        require_type(value, (int, float), name)
-        values[field.name] = float(value)
-      else:
-        require_type(value, type(field.default), name)
-        values[field.name] = value
-    return cls(vocab_size=vocab_size, **values)
+    return settings_from_section(cls, model_config, vocab_size=vocab_size)
 
 
 class PairClassifier(nnx.Module):

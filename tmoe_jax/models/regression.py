@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tmoe_jax.config import require, require_type
+from tmoe_jax.validation import require, settings_from_section
 from tmoe_jax.feedforward import ACTIVATIONS
 from tmoe_jax.moe import losses
 from tmoe_jax.moe.dense_gating import dense_softmax_gates, dense_softmax_moe
@@ -93,15 +93,8 @@ class RegressionModelConfig:
 
   @classmethod
   def from_config(cls, model_config, *, input_dim: int) -> RegressionModelConfig:
-    values = {}
-    for field in dataclasses.fields(cls):
-      if field.name == "input_dim":
-        continue
-      name = f"model.{field.name}"
-      require(field.name in model_config, name, "missing from the config")
-      require_type(model_config[field.name], type(field.default), name)
-      values[field.name] = model_config[field.name]
-    return cls(input_dim=input_dim, **values)
+    """Builds from the `model` section of a ConfigDict, type-checking each field."""
+    return settings_from_section(cls, model_config, input_dim=input_dim)
 
   @property
   def dense_hidden(self) -> int:

@@ -18,7 +18,7 @@ from tmoe_jax.moe.expert_choice import expert_choice_combine, expert_choice_disp
 from tmoe_jax.moe.expert_parallel import expert_parallel_moe
 from tmoe_jax.moe.experts import EXPERT_TYPES, expert_weights_of
 from tmoe_jax.moe.routing import update_expert_bias
-from tmoe_jax.moe.settings import MoEConfig
+from tmoe_jax.moe.settings import MoEConfig, check_mesh
 from tmoe_jax.moe.statistics import MoEAux, finalize
 from tmoe_jax.moe.token_choice import local_experts, routing_groups, token_choice_moe
 from tmoe_jax.parallel.mesh import num_token_shards
@@ -41,8 +41,11 @@ class MoEFeedForward(nnx.Module):
   Optional always-on shared experts (DeepSeekMoE) run beside the routed ones.
   """
 
-  def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: MoEConfig, *, mesh=None, rngs: nnx.Rngs):
+    """`mesh`: a ('data', 'expert') mesh to run top-k routing expert-parallel on; None = one device."""
+    check_mesh(config, mesh)
     self.config = config
+    self.mesh = mesh
     # The router stays float32: its softmax decides discrete choices.
     self.router = nnx.Linear(
       config.d_model,
@@ -140,7 +143,7 @@ class MoEFeedForward(nnx.Module):
     x_GxSxD = groups.group(x_BxLxD)
     mask_GxS = groups.group(token_mask_BxL.astype(bool), pad_value=False)
     weights = expert_weights_of(self.experts, config.expert_type)
-    mesh = config.mesh
+    mesh = self.mesh
     # Groups that do not split evenly over the devices (a small last batch) take the
     # one-device path: the same math, which jit runs on the sharded weights.
     if mesh is not None and mesh.size > 1 and groups.num_groups % num_token_shards(mesh) == 0:

@@ -1,7 +1,9 @@
 """Settings of one sparse MoE layer, declared once: `MoEConfig`, and the names each setting accepts.
 
-Every model config that has MoE layers holds one (built from the flat `model.*`
-config keys); every check raises `ConfigError` naming the `model.*` field.
+Every model config that has MoE layers holds one, built from the flat `model.*`
+config keys by `MoEConfig.from_section`; every check raises `ConfigError`
+naming the `model.*` field. The device mesh is not a setting: modules receive
+it (`check_mesh` says whether a config can run on it).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 
 from tmoe_jax.moe.dispatch import expert_capacity
 from tmoe_jax.parallel.mesh import EXPERT_AXIS, check_experts_divisible
-from tmoe_jax.validation import require
+from tmoe_jax.validation import require, settings_from_section
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 ROUTERS = ("top_k", "expert_choice")
@@ -36,10 +38,10 @@ class MoEConfig:
   (0 = the whole batch is one group), so capacity never depends on the mesh.
   """
 
-  num_experts: int
-  top_k: int
-  d_model: int
-  d_ff: int
+  num_experts: int = 4
+  top_k: int = 2
+  d_model: int = 128  # the layer's shape: given by the model that holds it
+  d_ff: int = 256
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   normalize_gates: bool = True
@@ -54,9 +56,6 @@ class MoEConfig:
   dispatch: str = "capacity"
   sequences_per_group: int = 0
   dtype: Any = jnp.float32
-  # A ('data', 'expert') jax.sharding.Mesh: top-k layers run expert-parallel on it
-  # (`moe.expert_parallel`); None = the single-device layer.
-  mesh: Any = None
 
   def __post_init__(self):
     require(
@@ -107,15 +106,46 @@ class MoEConfig:
       f"must be > 0, got {self.eval_capacity_factor}",
     )
     require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
-    if self.mesh is not None:
-      check_experts_divisible(self.num_experts, self.mesh)
-      require(
-        self.router == "top_k" or self.mesh.shape[EXPERT_AXIS] == 1,
-        "model.router",
-        f"{self.router} has no expert-parallel path; use top_k, or mesh.expert=1",
-      )
 
   def capacity(self, group_size: int, *, training: bool) -> int:
     """Slots per expert in a routing group of `group_size` tokens (`dispatch.expert_capacity`)."""
     factor = self.capacity_factor if training else self.eval_capacity_factor
     return expert_capacity(group_size, self.num_experts, self.top_k, factor)
+
+  @classmethod
+  def from_section(cls, model_section, *, d_model: int, d_ff: int, activation: str, dtype) -> MoEConfig:
+    """Every routing / dispatch / expert setting from the `model` section; the layer's shape from the model."""
+    return settings_from_section(
+      cls, model_section, d_model=d_model, d_ff=d_ff, activation=activation, dtype=dtype
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+  """The fields an MoE layer takes from the model that holds it (read first, to build its `MoEConfig`)."""
+
+  d_model: int = 128
+  d_ff: int = 256
+  activation: str = "relu"
+  dtype: Any = jnp.float32
+
+
+MOE_SHAPE_FIELDS = tuple(field.name for field in dataclasses.fields(LayerShape))
+
+
+def check_mesh(config: MoEConfig, mesh) -> None:
+  """ConfigError naming the field unless layers of `config` can run on `mesh` (None: one device)."""
+  if mesh is None or mesh.shape[EXPERT_AXIS] == 1:
+    return
+  check_experts_divisible(config.num_experts, mesh)
+  require(
+    config.router == "top_k",
+    "model.router",
+    f"{config.router} has no expert-parallel path; use top_k, or mesh.expert=1",
+  )
+  require(
+    config.sequences_per_group > 0,
+    "model.sequences_per_group",
+    "0 makes each batch one routing group, which cannot be split over the expert axis; set it so "
+    "that it divides train.batch_size / (mesh.data * mesh.expert)",
+  )

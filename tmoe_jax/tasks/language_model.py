@@ -81,10 +81,8 @@ class LanguageModelTask(Task):
         )
 
   def build_model(self, mesh) -> LanguageModel:
-    model_config = LanguageModelConfig.from_config(
-      self.config.model, vocab_size=self.corpus.vocabulary.size, mesh=mesh
-    )
-    return LanguageModel(model_config, rngs=nnx.Rngs(params=self.config.train.seed))
+    model_config = LanguageModelConfig.from_config(self.config.model, vocab_size=self.corpus.vocabulary.size)
+    return LanguageModel(model_config, mesh=mesh, rngs=nnx.Rngs(params=self.config.train.seed))
 
   def write_files(self, workdir: pathlib.Path) -> None:
     reporting.write_text_atomic(workdir / VOCABULARY_FILE, self.corpus.vocabulary.to_json())

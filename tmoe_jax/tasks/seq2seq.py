@@ -33,8 +33,8 @@ LENGTH_MULTIPLE = 16
 
 def build_model(config, vocab_size: int, seed: int, mesh=None) -> Transformer:
   """The Transformer of `config.model`; with a multi-device `mesh` its MoE layers run expert-parallel."""
-  model_config = TransformerConfig.from_config(config.model, vocab_size=vocab_size, mesh=mesh)
-  return Transformer(model_config, rngs=nnx.Rngs(params=seed))
+  model_config = TransformerConfig.from_config(config.model, vocab_size=vocab_size)
+  return Transformer(model_config, mesh=mesh, rngs=nnx.Rngs(params=seed))
 
 
 def evaluate(

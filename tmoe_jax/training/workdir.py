@@ -20,7 +20,18 @@ RESUME_INCOMPATIBLE_SECTIONS = ("task", "model", "data")
 KEYS_ADDED_LATER: dict[str, dict[str, Any]] = {
   # Before routing groups, capacity was decided over the whole batch: one group.
   "seq2seq": {"model.sequences_per_group": 0},
-  "language_model": {"model.sequences_per_group": 0},
+  # Before the language model held a full MoEConfig, its top-k layers used these defaults.
+  "language_model": {
+    "model.sequences_per_group": 0,
+    "model.normalize_gates": True,
+    "model.router": "top_k",
+    "model.softmax_order": "before",
+    "model.router_jitter": 0.0,
+    "model.batch_prioritized": False,
+    "model.expert_bias_rate": 0.0,
+    "model.num_shared_experts": 0,
+    "model.expert_type": "mlp",
+  },
 }
 
 

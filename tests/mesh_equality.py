@@ -1,5 +1,8 @@
 """Scaling out does not change the model: the default run logs the same losses on every mesh.
 
+Shared by `test_mesh_equality_capacity.py` and `test_mesh_equality_dropless.py` (two files, so
+that the two sets of four `python -m train` runs go to different pytest-xdist workers).
+
 `python -m train` as a user runs it, 20 steps of the default experiment (capacity factor
 1.25, tokens dropped) on meshes (1, 1), (2, 4), (8, 1) and (1, 8) of the 8 virtual CPU
 devices, and again with dropless dispatch. Capacity and drop order are decided per
@@ -16,7 +19,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MESHES = [(1, 1), (2, 4), (8, 1), (1, 8)]
@@ -52,8 +54,7 @@ def _train(workdir: pathlib.Path, data: int, expert: int, *overrides: str) -> di
   return {row["step"]: row for row in rows if row["split"] == "train"}
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_the_default_run_logs_the_same_loss_at_every_step_on_every_mesh(tmp_path, dispatch):
+def check_the_same_loss_at_every_step_on_every_mesh(tmp_path, dispatch: str) -> None:
   assert jax.device_count() >= 8
   runs = {
     mesh: _train(tmp_path / f"{mesh[0]}x{mesh[1]}", *mesh, f"--config.model.dispatch={dispatch}")
