@@ -18,7 +18,8 @@ from test_training import tiny_config
 
 from tmoe_jax import loading
 from tmoe_jax.errors import TmoeError, WorkdirError
-from tmoe_jax.training import checkpointing, loop, reporting, runner
+from tmoe_jax.tasks import runner
+from tmoe_jax.training import checkpointing, loop, reporting
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:

@@ -11,7 +11,7 @@ import configs.tmoe
 from tmoe_jax.data import batching
 from tmoe_jax.data.seq2seq import load_seq2seq_data, make_batch
 from tmoe_jax.parallel.mesh import make_mesh
-from tmoe_jax.parallel.sharding import train_state_shardings
+from tmoe_jax.training.state import train_state_shardings
 from tmoe_jax.tasks import seq2seq as seq2seq_task
 from tmoe_jax.training import checkpointing
 from tmoe_jax.training import seq2seq_steps as steps

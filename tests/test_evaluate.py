@@ -21,7 +21,7 @@ from tmoe_jax import loading
 from tmoe_jax.data.seq2seq import decoder_inputs, load_seq2seq_data
 from tmoe_jax.data.vocabulary import CharVocabulary
 from tmoe_jax.errors import DataError
-from tmoe_jax.training import runner
+from tmoe_jax.tasks import runner
 from tmoe_jax.training import seq2seq_steps as steps
 
 

@@ -30,8 +30,8 @@ from tmoe_jax.moe.experts import EXPERT_PARAMS_BY_TYPE, expert_weights_of
 from tmoe_jax.moe.layer import MoEFeedForward
 from tmoe_jax.moe.statistics import finalize
 from tmoe_jax.parallel.mesh import make_mesh
-from tmoe_jax.parallel.sharding import batch_shardings, train_state_shardings, tree_shardings
-from tmoe_jax.training.state import TrainState
+from tmoe_jax.parallel.sharding import batch_shardings, tree_shardings
+from tmoe_jax.training.state import TrainState, train_state_shardings
 
 B, L, D, F, E, K = 16, 4, 8, 16, 8, 2
 T = B * L

@@ -15,7 +15,7 @@ import numpy as np
 
 import configs.tmoe
 import tmoe_jax
-from tmoe_jax.training import runner
+from tmoe_jax.tasks import runner
 from tmoe_jax.training.workdir import CONFIG_FILE
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "seq2seq_run_v0"

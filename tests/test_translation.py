@@ -13,7 +13,7 @@ from tmoe_jax import loading
 from tmoe_jax.data import batching
 from tmoe_jax.data.subword import SubwordVocabulary
 from tmoe_jax.errors import ConfigError
-from tmoe_jax.training import runner
+from tmoe_jax.tasks import runner
 
 SHARED_MULTI30K = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 

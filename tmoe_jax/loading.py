@@ -31,7 +31,8 @@ from tmoe_jax.config import TRAIN_LOOP_FIELDS, validate_fields
 from tmoe_jax.data.subword import SubwordVocabulary
 from tmoe_jax.data.vocabulary import CharVocabulary
 from tmoe_jax.errors import ConfigError, DataError, WorkdirError
-from tmoe_jax.training import checkpointing, runner
+from tmoe_jax.tasks import runner
+from tmoe_jax.training import checkpointing
 from tmoe_jax.training import seq2seq_steps as steps
 from tmoe_jax.training import workdir as workdir_files
 from tmoe_jax.training.optimizer import make_optimizer

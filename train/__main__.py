@@ -46,7 +46,7 @@ def main(argv):
     _fail(f"unexpected arguments: {argv[1:]}")
   from tmoe_jax.errors import TmoeError  # imported late so flag errors come fast
   from tmoe_jax.parallel import distributed
-  from tmoe_jax.training.runner import run
+  from tmoe_jax.tasks.runner import run
 
   # Orbax logs every save step at INFO; keep the terminal for the progress bar.
   logging.set_verbosity(logging.WARNING)

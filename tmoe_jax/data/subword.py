@@ -25,7 +25,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from tmoe_jax.data.vocabulary import NUM_SPECIAL, UNK_CHAR
+from tmoe_jax.data.vocabulary import NUM_SPECIAL, UNK_CHAR, VocabularyIdentity
 
 MODEL_TYPES = ("unigram", "bpe")
 
@@ -35,7 +35,7 @@ _JSON_VERSION = 1
 _MIN_MAX_SENTENCE_BYTES = 4192
 
 
-class SubwordVocabulary:
+class SubwordVocabulary(VocabularyIdentity):
   PAD_ID = 0
   BOS_ID = 1
   EOS_ID = 2
@@ -154,16 +154,8 @@ class SubwordVocabulary:
     """Number of ids, specials included (the embedding table size)."""
     return self._processor.get_piece_size()
 
-  def __len__(self) -> int:
-    return self.size
-
-  def __eq__(self, other: object) -> bool:
-    if not isinstance(other, SubwordVocabulary):
-      return NotImplemented
-    return self._proto == other._proto
-
-  def __hash__(self) -> int:
-    return hash(self._proto)
+  def _identity(self):
+    return self._proto
 
   def __repr__(self) -> str:
     return f"SubwordVocabulary(size={self.size})"

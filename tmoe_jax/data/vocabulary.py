@@ -22,7 +22,27 @@ _JSON_KIND = "tmoe_jax.CharVocabulary"
 _JSON_VERSION = 1
 
 
-class CharVocabulary:
+class VocabularyIdentity:
+  """len() is the id count; two vocabularies are equal (and hash alike) when their `_identity()` is."""
+
+  size: int
+
+  def _identity(self):
+    raise NotImplementedError
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __eq__(self, other: object) -> bool:
+    if type(other) is not type(self):
+      return NotImplemented
+    return self._identity() == other._identity()
+
+  def __hash__(self) -> int:
+    return hash(self._identity())
+
+
+class CharVocabulary(VocabularyIdentity):
   PAD_ID = 0
   BOS_ID = 1
   EOS_ID = 2
@@ -67,16 +87,8 @@ class CharVocabulary:
     """Number of ids, specials included (the embedding table size)."""
     return NUM_SPECIAL + len(self._chars)
 
-  def __len__(self) -> int:
-    return self.size
-
-  def __eq__(self, other: object) -> bool:
-    if not isinstance(other, CharVocabulary):
-      return NotImplemented
-    return self._chars == other._chars
-
-  def __hash__(self) -> int:
-    return hash(self._chars)
+  def _identity(self):
+    return self._chars
 
   def __repr__(self) -> str:
     return f"CharVocabulary({self._chars!r})"

@@ -14,6 +14,8 @@ import collections
 import json
 from collections.abc import Iterable, Sequence
 
+from tmoe_jax.data.vocabulary import VocabularyIdentity
+
 NUM_SPECIAL = 3
 # What `decode` writes for the specials; none of them can be a word (words hold no '<').
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<sep>")
@@ -29,7 +31,7 @@ def split_words(text: str, *, lowercase: bool) -> list[str]:
   return (text.lower() if lowercase else text).split()
 
 
-class WordVocabulary:
+class WordVocabulary(VocabularyIdentity):
   PAD_ID = 0
   UNK_ID = 1
   SEP_ID = 2
@@ -78,16 +80,8 @@ class WordVocabulary:
     """Number of ids, specials included (the embedding table size)."""
     return NUM_SPECIAL + len(self._words)
 
-  def __len__(self) -> int:
-    return self.size
-
-  def __eq__(self, other: object) -> bool:
-    if not isinstance(other, WordVocabulary):
-      return NotImplemented
-    return self._words == other._words
-
-  def __hash__(self) -> int:
-    return hash(self._words)
+  def _identity(self):
+    return self._words
 
   def __repr__(self) -> str:
     return f"WordVocabulary({len(self._words)} words)"

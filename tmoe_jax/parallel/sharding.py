@@ -1,4 +1,4 @@
-"""NamedShardings for parameters, optimizer state, batches and the whole TrainState.
+"""NamedShardings for parameters, optimizer state and batches (a whole TrainState's: `training.state`).
 
 Shapes: E experts, D model width, F hidden width, X the 'expert' mesh axis size.
 
@@ -21,7 +21,6 @@ from jax.sharding import PartitionSpec as P
 from tmoe_jax.errors import ConfigError
 from tmoe_jax.moe.experts import EXPERT_PARAMS_BY_TYPE
 from tmoe_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS, expert_axis_size
-from tmoe_jax.training.state import TrainState
 
 EXPERT_PARAM_NAMES: frozenset[str] = frozenset(
   name for names in EXPERT_PARAMS_BY_TYPE.values() for name in names
@@ -78,23 +77,3 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 def batch_shardings(batch: Any, mesh: Mesh) -> Any:
   """Every array of `batch` split over ('data', 'expert') on its leading axis (scalars replicated)."""
   return jax.tree.map(lambda leaf: batch_sharding(mesh) if leaf.ndim else replicated(mesh), batch)
-
-
-def train_state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
-  """A TrainState of NamedShardings: pass as jit in_/out_shardings and to `jax.device_put`.
-
-  params and the optimizer moments: expert weights on 'expert', the rest replicated;
-  model_state (e.g. the [E] expert bias every device routes with), step and rng: replicated.
-  """
-  return TrainState(
-    step=replicated(mesh),
-    params=tree_shardings(state.params, mesh),
-    model_state=jax.tree.map(lambda _: replicated(mesh), state.model_state),
-    opt_state=tree_shardings(state.opt_state, mesh),
-    rng=replicated(mesh),
-  )
-
-
-def shard_train_state(state: TrainState, mesh: Mesh) -> TrainState:
-  """Places an (unsharded) TrainState on the mesh."""
-  return jax.device_put(state, train_state_shardings(state, mesh))

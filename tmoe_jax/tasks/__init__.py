@@ -1,16 +1,5 @@
-"""Experiments as `training.task.Task`s, by `config.task` name."""
+"""Experiments as `training.task.Task`s (`TASKS`, by `config.task` name) and the runner that trains them."""
 
-from tmoe_jax.tasks.image_classification import GuidedImageClassificationTask, ImageClassificationTask
-from tmoe_jax.tasks.language_model import LanguageModelTask
-from tmoe_jax.tasks.regression import RegressionTask
-from tmoe_jax.tasks.sentence_pair import SentencePairTask
-from tmoe_jax.tasks.seq2seq import Seq2SeqTask
+from tmoe_jax.tasks.table import TASKS
 
-TASKS = {
-  "seq2seq": Seq2SeqTask,
-  "regression": RegressionTask,
-  "language_model": LanguageModelTask,
-  "sentence_pair": SentencePairTask,
-  "image_classification": ImageClassificationTask,
-  "guided_image_classification": GuidedImageClassificationTask,
-}
+__all__ = ["TASKS"]

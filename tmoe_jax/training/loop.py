@@ -31,11 +31,10 @@ from tmoe_jax.config import TRAIN_LOOP_FIELDS, validate_fields
 from tmoe_jax.errors import ConfigError, TmoeError
 from tmoe_jax.parallel import distributed, sharding
 from tmoe_jax.parallel.mesh import check_batch_divisible, expert_axis_size, make_mesh
-from tmoe_jax.parallel.sharding import train_state_shardings
 from tmoe_jax.training import checkpointing, reporting, steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.preemption import PreemptionGuard
-from tmoe_jax.training.state import TrainState, count_params, create_train_state
+from tmoe_jax.training.state import TrainState, count_params, create_train_state, train_state_shardings
 from tmoe_jax.training.task import Task
 from tmoe_jax.training.workdir import CHECKPOINT_DIR, CONFIG_FILE, prepare_workdir
 

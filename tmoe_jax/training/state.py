@@ -6,6 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh
+
+from tmoe_jax.parallel import sharding
 
 
 @struct.dataclass
@@ -45,3 +48,23 @@ def create_train_state(
 
 def count_params(params: nnx.State) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def train_state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+  """A TrainState of NamedShardings: pass as jit in_/out_shardings and to `jax.device_put`.
+
+  params and the optimizer moments: expert weights on 'expert', the rest replicated;
+  model_state (e.g. the [E] expert bias every device routes with), step and rng: replicated.
+  """
+  return TrainState(
+    step=sharding.replicated(mesh),
+    params=sharding.tree_shardings(state.params, mesh),
+    model_state=jax.tree.map(lambda _: sharding.replicated(mesh), state.model_state),
+    opt_state=sharding.tree_shardings(state.opt_state, mesh),
+    rng=sharding.replicated(mesh),
+  )
+
+
+def shard_train_state(state: TrainState, mesh: Mesh) -> TrainState:
+  """Places an (unsharded) TrainState on the mesh."""
+  return jax.device_put(state, train_state_shardings(state, mesh))

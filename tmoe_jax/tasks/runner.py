@@ -8,6 +8,7 @@ from typing import Any
 
 from tmoe_jax.errors import ConfigError
 from tmoe_jax.parallel import distributed
+from tmoe_jax.tasks.table import TASKS
 from tmoe_jax.training import loop
 from tmoe_jax.training import workdir as workdir_files
 from tmoe_jax.training.task import Task
@@ -15,8 +16,6 @@ from tmoe_jax.training.task import Task
 
 def make_task(config) -> Task:
   """The `Task` named by `config.task`, built (and its config sections validated) from `config`."""
-  from tmoe_jax.tasks import TASKS
-
   if "task" not in config or config.task not in TASKS:
     raise ConfigError(f"task: must be one of {sorted(TASKS)}, got {config.get('task')!r}")
   return TASKS[config.task](config)

@@ -1,0 +1,16 @@
+"""The task table: each experiment's `training.task.Task`, by `config.task` name."""
+
+from tmoe_jax.tasks.image_classification import GuidedImageClassificationTask, ImageClassificationTask
+from tmoe_jax.tasks.language_model import LanguageModelTask
+from tmoe_jax.tasks.regression import RegressionTask
+from tmoe_jax.tasks.sentence_pair import SentencePairTask
+from tmoe_jax.tasks.seq2seq import Seq2SeqTask
+
+TASKS = {
+  "seq2seq": Seq2SeqTask,
+  "regression": RegressionTask,
+  "language_model": LanguageModelTask,
+  "sentence_pair": SentencePairTask,
+  "image_classification": ImageClassificationTask,
+  "guided_image_classification": GuidedImageClassificationTask,
+}
