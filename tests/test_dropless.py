@@ -491,3 +491,15 @@ def test_block_loop_inside_shard_map_equals_unsharded_with_gradients(expert_type
     return jax.jit(jax.value_and_grad(loss_and_output, (0, 1, 2), has_aux=True))(x, gates, weights)
 
   chex.assert_trees_all_close(output_and_grads(sharded), output_and_grads(local), rtol=1e-5, atol=1e-6)
+
+
+def test_every_registered_expert_type_round_trips_its_dropless_parts():
+  """The registry entry's parts and their inverse agree with its parameter order (no type is special)."""
+  from tmoe_jax.moe.experts import EXPERT_REGISTRY
+
+  for name, entry in EXPERT_REGISTRY.items():
+    weights = tuple(jnp.full((2,), float(i)) for i in range(len(entry.parameters)))
+    w_in, b_in, w_out, b_out = entry.parts(weights)
+    assert len(w_in) == len(b_in) == entry.input_projections, name
+    assert (b_out is None) == (not entry.has_biases), name
+    chex.assert_trees_all_equal(entry.weights_of_parts(w_in, b_in, w_out, b_out), weights)

@@ -78,7 +78,7 @@ from flax import struct
 from jax import lax
 
 from tmoe_jax.feedforward import ACTIVATIONS
-from tmoe_jax.moe.experts import EXPERT_PARAMS_BY_TYPE
+from tmoe_jax.moe.experts import EXPERT_PARAMS_BY_TYPE, EXPERT_REGISTRY
 
 METHODS = ("auto", "ragged_dot", "block_loop")
 DEFAULT_BLOCK_SIZE = 512
@@ -190,31 +190,17 @@ def _group_starts(group_sizes_E: jax.Array) -> jax.Array:
 
 
 def _expert_parts(expert_type: str, weights):
-  """(input projections, their biases, output projection, its bias) of `weights`; None = no bias.
-
-  Both expert types are y = hidden(x W_1 + b_1, ...) W_out + b_out: the MLP with
-  one input projection and hidden = act(z), the gated expert with two (gate, up),
-  hidden = act(gate) * up and no biases.
-  """
-  if expert_type == "mlp":
-    w_in_ExDxF, b_in_ExF, w_out_ExFxD, b_out_ExD = weights
-    return (w_in_ExDxF,), (b_in_ExF,), w_out_ExFxD, b_out_ExD
-  w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD = weights
-  return (w_gate_ExDxF, w_up_ExDxF), (None, None), w_down_ExFxD, None
+  """(input projections, their biases, output projection, its bias); see `experts.ExpertType.parts`."""
+  return EXPERT_REGISTRY[expert_type].parts(weights)
 
 
 def _weights_of_parts(expert_type: str, w_in, b_in, w_out, b_out) -> tuple:
-  """Inverse of `_expert_parts`: back to the `EXPERT_PARAMS_BY_TYPE[expert_type]` order."""
-  if expert_type == "mlp":
-    return (w_in[0], b_in[0], w_out, b_out)
-  return (*w_in, w_out)
+  return EXPERT_REGISTRY[expert_type].weights_of_parts(w_in, b_in, w_out, b_out)
 
 
 def _hidden_fn(expert_type: str, activation: Activation) -> Callable[..., jax.Array]:
   """The hidden activation [S, F] from the pre-activations: act(z), or act(gate) * up."""
-  if expert_type == "mlp":
-    return activation
-  return lambda gate_SxF, up_SxF: activation(gate_SxF) * up_SxF
+  return EXPERT_REGISTRY[expert_type].hidden(activation)
 
 
 def _affine(x_SxN, w_NxM, b_M):

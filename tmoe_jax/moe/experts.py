@@ -5,6 +5,7 @@ Shapes: E experts, C tokens per expert, D model width, F hidden width.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
@@ -96,15 +97,69 @@ class GatedMlpExperts(nnx.Module):
     return gated_experts(weights, x_ExCxD, activation=self.activation, dtype=self.dtype)
 
 
-# config.expert_type -> the pure expert function, and the module holding its stacked weights.
-EXPERT_FUNCTIONS: dict[str, Callable] = {"mlp": mlp_experts, "gated": gated_experts}
-# config.expert_type -> expert stack class; both map [E, C, D] -> [E, C, D].
-EXPERT_TYPES = {"mlp": MlpExperts, "gated": GatedMlpExperts}
-# config.expert_type -> its stacked [E, ...] parameter names, in the order the pure expert
-# functions (and `moe.dropless`) take them; `parallel.sharding` splits exactly these on 'expert'.
+@dataclasses.dataclass(frozen=True)
+class ExpertType:
+  """Everything one kind of expert needs, in one entry of `EXPERT_REGISTRY`.
+
+  Every kind is y = hidden(x W_1 + b_1, ..., x W_n + b_n) W_out + b_out: the MLP
+  with one input projection and hidden = act(z), the gated expert with two
+  (gate, up), hidden = act(gate) * up, and no biases.
+
+  function: the pure expert function, (weights, x_ExCxD, *, activation, dtype) -> y_ExCxD.
+  module: the nnx module holding the stacked weights (same math as `function`).
+  parameters: the stacked [E, ...] parameter names, in `function`'s order
+    (`parallel.sharding` splits exactly these over 'expert').
+  input_projections: n, the number of [E, D, F] input projections.
+  has_biases: whether every projection has a bias (weights then alternate w, b).
+  hidden: activation -> the hidden function of the n pre-activations.
+  expert_parallel: whether `moe.expert_parallel` can split these experts over devices.
+  """
+
+  function: Callable
+  module: type
+  parameters: tuple[str, ...]
+  input_projections: int
+  has_biases: bool
+  hidden: Callable[[Callable], Callable[..., jax.Array]]
+  expert_parallel: bool = True
+
+  def parts(self, weights: Sequence[jax.Array]) -> tuple[tuple, tuple, jax.Array, jax.Array | None]:
+    """(input projections, their biases, output projection, its bias) of `weights`; None = no bias."""
+    n = self.input_projections
+    if self.has_biases:
+      return tuple(weights[0 : 2 * n : 2]), tuple(weights[1 : 2 * n : 2]), weights[2 * n], weights[2 * n + 1]
+    return tuple(weights[:n]), (None,) * n, weights[n], None
+
+  def weights_of_parts(self, w_in, b_in, w_out, b_out) -> tuple:
+    """Inverse of `parts`: back to the `parameters` order."""
+    if self.has_biases:
+      return (*(a for pair in zip(w_in, b_in) for a in pair), w_out, b_out)
+    return (*w_in, w_out)
+
+
+EXPERT_REGISTRY: dict[str, ExpertType] = {
+  "mlp": ExpertType(
+    function=mlp_experts,
+    module=MlpExperts,
+    parameters=("w_in_ExDxF", "b_in_ExF", "w_out_ExFxD", "b_out_ExD"),
+    input_projections=1,
+    has_biases=True,
+    hidden=lambda activation: activation,
+  ),
+  "gated": ExpertType(
+    function=gated_experts,
+    module=GatedMlpExperts,
+    parameters=("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD"),
+    input_projections=2,
+    has_biases=False,
+    hidden=lambda activation: lambda gate_SxF, up_SxF: activation(gate_SxF) * up_SxF,
+  ),
+}
+# Views of the registry, by config.expert_type.
+EXPERT_FUNCTIONS: dict[str, Callable] = {name: entry.function for name, entry in EXPERT_REGISTRY.items()}
+EXPERT_TYPES: dict[str, type] = {name: entry.module for name, entry in EXPERT_REGISTRY.items()}
 EXPERT_PARAMS_BY_TYPE: dict[str, tuple[str, ...]] = {
-  "mlp": ("w_in_ExDxF", "b_in_ExF", "w_out_ExFxD", "b_out_ExD"),
-  "gated": ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD"),
+  name: entry.parameters for name, entry in EXPERT_REGISTRY.items()
 }
 
 

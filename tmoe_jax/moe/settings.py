@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from tmoe_jax.moe.dispatch import expert_capacity
+from tmoe_jax.moe.experts import EXPERT_REGISTRY
 from tmoe_jax.parallel.mesh import EXPERT_AXIS, check_experts_divisible
 from tmoe_jax.validation import require, settings_from_section
 
@@ -23,7 +24,8 @@ ROUTERS = ("top_k", "expert_choice")
 # (`moe.dropless`: ragged_dot on GPU/TPU, a block loop on CPU), for router top_k and either
 # expert type.
 DISPATCHES = ("capacity", "dropless")
-EXPERT_TYPES = ("mlp", "gated")  # gated: SwiGLU with activation "silu", GeGLU with "gelu"
+# mlp, or gated: SwiGLU with activation "silu", GeGLU with "gelu" (`experts.EXPERT_REGISTRY`).
+EXPERT_TYPES = tuple(EXPERT_REGISTRY)
 SOFTMAX_ORDERS = ("before", "after")
 
 
@@ -138,6 +140,11 @@ def check_mesh(config: MoEConfig, mesh) -> None:
   if mesh is None or mesh.shape[EXPERT_AXIS] == 1:
     return
   check_experts_divisible(config.num_experts, mesh)
+  require(
+    EXPERT_REGISTRY[config.expert_type].expert_parallel,
+    "model.expert_type",
+    f"{config.expert_type} experts have no expert-parallel path; use mesh.expert=1",
+  )
   require(
     config.router == "top_k",
     "model.router",
