@@ -33,10 +33,10 @@ from jax.sharding import PartitionSpec as P
 
 from tmoe_jax.feedforward import ACTIVATIONS
 from tmoe_jax.moe import assign_slots, combine_outputs, dispatch_tokens, top_k_route
-from tmoe_jax.moe.experts import mlp_experts
-from tmoe_jax.moe.losses import load_balancing_loss, router_z_loss
 from tmoe_jax.moe.dispatch import expert_capacity
 from tmoe_jax.moe.expert_parallel import bytes_moved_per_layer, expert_parallel_moe
+from tmoe_jax.moe.experts import mlp_experts
+from tmoe_jax.moe.losses import load_balancing_loss, router_z_loss
 from tmoe_jax.moe.statistics import finalize
 from tmoe_jax.parallel.mesh import make_mesh
 from tmoe_jax.parallel.sharding import batch_sharding, tree_shardings
@@ -77,7 +77,9 @@ def expert_parallel_layer(params, x_TxD, *, top_k, capacity_factor, mesh):
   groups = mesh.size
   group_size = num_tokens // groups
   num_experts = params["router"]["kernel"].shape[-1]
-  capacity = None if capacity_factor is None else expert_capacity(group_size, num_experts, top_k, capacity_factor)
+  capacity = (
+    None if capacity_factor is None else expert_capacity(group_size, num_experts, top_k, capacity_factor)
+  )
   y_GxSxD, sums = expert_parallel_moe(
     x_TxD.reshape(groups, group_size, d_model),
     jnp.ones((groups, group_size), bool),

@@ -69,7 +69,9 @@ def check_the_same_loss_at_every_step_on_every_mesh(tmp_path, dispatch: str) -> 
     assert max(dropped) == 0.0
   for mesh, rows in runs.items():
     for step, row in reference.items():
-      np.testing.assert_allclose(rows[step]["loss"], row["loss"], rtol=1e-5, err_msg=f"mesh {mesh} step {step}")
+      np.testing.assert_allclose(
+        rows[step]["loss"], row["loss"], rtol=1e-5, err_msg=f"mesh {mesh} step {step}"
+      )
       np.testing.assert_allclose(
         rows[step]["dropped_fraction"], row["dropped_fraction"], rtol=1e-5, atol=1e-7, err_msg=f"mesh {mesh}"
       )

@@ -31,9 +31,8 @@ from tmoe_jax.config import TransformerConfig
 from tmoe_jax.parallel import distributed
 from tmoe_jax.parallel.mesh import make_mesh
 from tmoe_jax.parallel.sharding import replicated
-from tmoe_jax.training.state import train_state_shardings
 from tmoe_jax.training import seq2seq_steps
-from tmoe_jax.training.state import create_train_state
+from tmoe_jax.training.state import create_train_state, train_state_shardings
 from tmoe_jax.training.steps import LossWeights
 from tmoe_jax.transformer import PAD_ID, Transformer
 

@@ -1,6 +1,5 @@
 """`python -m train` as a user runs it: bad input gives one message and exit 2; SIGTERM saves and resumes."""
 
-import json
 import os
 import pathlib
 import signal
@@ -9,7 +8,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -194,7 +194,9 @@ def test_from_config_rejects_wrong_types_and_missing_fields(overrides, field):
 
 
 def test_the_moe_layers_take_their_shape_from_the_model():
-  config = TransformerConfig(vocab_size=10, d_model=32, d_ff=64, moe=MoEConfig(num_experts=8, d_model=7, d_ff=5))
+  config = TransformerConfig(
+    vocab_size=10, d_model=32, d_ff=64, moe=MoEConfig(num_experts=8, d_model=7, d_ff=5)
+  )
   assert (config.moe.num_experts, config.moe.d_model, config.moe.d_ff) == (8, 32, 64)
 
 

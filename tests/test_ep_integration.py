@@ -11,13 +11,12 @@ import configs.tmoe
 from tmoe_jax.data import batching
 from tmoe_jax.data.seq2seq import load_seq2seq_data, make_batch
 from tmoe_jax.parallel.mesh import make_mesh
-from tmoe_jax.training.state import train_state_shardings
 from tmoe_jax.tasks import seq2seq as seq2seq_task
 from tmoe_jax.training import checkpointing
 from tmoe_jax.training import seq2seq_steps as steps
 from tmoe_jax.training import steps as training_steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
-from tmoe_jax.training.state import create_train_state
+from tmoe_jax.training.state import create_train_state, train_state_shardings
 
 
 def _config():

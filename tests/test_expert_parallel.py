@@ -376,7 +376,9 @@ def test_a_batch_that_does_not_split_over_the_mesh_takes_the_one_device_path():
   nnx.update(sharded_layer, nnx.state(layer))
   x_BxLxD = jax.random.normal(jax.random.PRNGKey(3), (12, L, D))
   chex.assert_trees_all_close(
-    jax.jit(lambda x: sharded_layer(x, deterministic=False))(x_BxLxD), layer(x_BxLxD, deterministic=False), **TOL
+    jax.jit(lambda x: sharded_layer(x, deterministic=False))(x_BxLxD),
+    layer(x_BxLxD, deterministic=False),
+    **TOL,
   )
 
 

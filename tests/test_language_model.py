@@ -46,7 +46,9 @@ def _tiny_lm(ffn="dense", vocab_size=11, **kwargs) -> LanguageModel:
   fields = {"d_model": 16, "num_heads": 2, "num_layers": 2, "d_ff": 16, "max_length": 12, "num_experts": 4}
   fields.update(top_k=2, smoe_keep_rate=0.5)
   fields.update(kwargs)
-  return LanguageModel(LanguageModelConfig.from_flat(vocab_size=vocab_size, ffn=ffn, **fields), rngs=nnx.Rngs(params=0))
+  return LanguageModel(
+    LanguageModelConfig.from_flat(vocab_size=vocab_size, ffn=ffn, **fields), rngs=nnx.Rngs(params=0)
+  )
 
 
 def _tokens(batch=3, length=12, vocab_size=11, seed=0):

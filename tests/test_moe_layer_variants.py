@@ -107,7 +107,9 @@ def test_expert_choice_in_the_decoder_is_refused():
   with pytest.raises(ConfigError, match="model.router: expert_choice is not causal"):
     TransformerConfig.from_flat(vocab_size=10, router="expert_choice", moe_every=1)
   # Encoder-only MoE (moe_every beyond the decoder depth) is fine.
-  TransformerConfig.from_flat(vocab_size=10, router="expert_choice", moe_every=3, num_layers=3, num_decoder_layers=2)
+  TransformerConfig.from_flat(
+    vocab_size=10, router="expert_choice", moe_every=3, num_layers=3, num_decoder_layers=2
+  )
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tmoe_jax.parallel import ragged_exchange
 from tmoe_jax.moe.expert_parallel import expert_parallel_moe
+from tmoe_jax.parallel import ragged_exchange
 from tmoe_jax.parallel.mesh import make_mesh
 
 AXIS = "expert"

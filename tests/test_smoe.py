@@ -515,7 +515,9 @@ def test_smoe_needs_no_expert_count_divisible_by_the_expert_axis():
   model_config = configs.tmoe.get_config().model
   model_config.update(num_experts=3, top_k=1, moe_layer="smoe")
   mesh = make_mesh(2, 4)
-  build = lambda: Transformer(TransformerConfig.from_config(model_config, vocab_size=12), mesh=mesh, rngs=nnx.Rngs(0))
+  build = lambda: Transformer(
+    TransformerConfig.from_config(model_config, vocab_size=12), mesh=mesh, rngs=nnx.Rngs(0)
+  )
   assert nnx.eval_shape(build).config.moe.num_experts == 3
   model_config.moe_layer = "sparse"
   with pytest.raises(ConfigError, match="model.num_experts: must be divisible by mesh.expert=4"):

@@ -109,13 +109,19 @@ def test_finalized_sums_equal_the_loss_functions_on_the_whole_batch():
   halves = [slice(0, 17), slice(17, 40)]
   sums = [
     routing_sums(
-      route.router_logits_TxE[h], route.router_probs_TxE[h], route.expert_indices_TxK[h], kept_TxK[h], mask_T[h]
+      route.router_logits_TxE[h],
+      route.router_probs_TxE[h],
+      route.expert_indices_TxK[h],
+      kept_TxK[h],
+      mask_T[h],
     )
     for h in halves
   ]
   aux = finalize(sums[0] + sums[1], K)
   probs, indices = route.router_probs_TxE, route.expert_indices_TxK
-  np.testing.assert_allclose(aux.load_balancing_loss, losses.load_balancing_loss(probs, indices, mask_T), rtol=1e-6)
+  np.testing.assert_allclose(
+    aux.load_balancing_loss, losses.load_balancing_loss(probs, indices, mask_T), rtol=1e-6
+  )
   np.testing.assert_allclose(aux.router_z_loss, losses.router_z_loss(logits_TxE, mask_T), rtol=1e-6)
   np.testing.assert_allclose(aux.router_entropy, losses.router_entropy(probs, mask_T), rtol=1e-6)
   np.testing.assert_allclose(

@@ -15,14 +15,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from tmoe_jax.errors import ConfigError
 from tmoe_jax.moe.settings import (  # noqa: F401 (re-exported: the MoE settings are declared there)
   ACTIVATIONS,
   DISPATCHES,
   EXPERT_TYPES,
+  MOE_SHAPE_FIELDS,
   ROUTERS,
   SOFTMAX_ORDERS,
-  MOE_SHAPE_FIELDS,
   LayerShape,
   MoEConfig,
 )
@@ -124,7 +123,9 @@ class TransformerConfig:
   @classmethod
   def from_config(cls, model_config, *, vocab_size: int) -> TransformerConfig:
     """Builds from the `model` section of a ConfigDict, type-checking each field."""
-    moe = MoEConfig.from_section(model_config, **dataclasses.asdict(settings_from_section(LayerShape, model_config)))
+    moe = MoEConfig.from_section(
+      model_config, **dataclasses.asdict(settings_from_section(LayerShape, model_config))
+    )
     return settings_from_section(cls, model_config, vocab_size=vocab_size, moe=moe)
 
 

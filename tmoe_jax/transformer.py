@@ -201,7 +201,9 @@ class Transformer(nnx.Module):
       config.position_embedding, config.max_length, config.d_model, rngs=rngs
     )
     self.embedding_dropout = nnx.Dropout(config.dropout_rate)
-    self.encoder_layers = nnx.List([EncoderLayer(config, i, mesh=mesh, rngs=rngs) for i in range(config.num_layers)])
+    self.encoder_layers = nnx.List(
+      [EncoderLayer(config, i, mesh=mesh, rngs=rngs) for i in range(config.num_layers)]
+    )
     self.encoder_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
     self.decoder_layers = nnx.List(
       [DecoderLayer(config, i, mesh=mesh, rngs=rngs) for i in range(config.num_decoder_layers)]

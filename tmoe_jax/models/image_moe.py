@@ -50,12 +50,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from tmoe_jax.validation import require, settings_from_section
 from tmoe_jax.moe import losses
 from tmoe_jax.moe.experts import expert_kernel_init
 from tmoe_jax.moe.guided import guided_route
 from tmoe_jax.moe.routing import top_k_route
 from tmoe_jax.moe.statistics import MoEAux
+from tmoe_jax.validation import require, settings_from_section
 
 EXPERT_TYPES = ("mlp", "cnn")
 COMBINES = ("probabilities", "logits")

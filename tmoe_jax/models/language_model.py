@@ -32,13 +32,13 @@ from flax import nnx
 
 from tmoe_jax.attention import MultiHeadAttention, causal_mask
 from tmoe_jax.config import ACTIVATIONS, POSITION_EMBEDDINGS
-from tmoe_jax.moe.settings import MOE_SHAPE_FIELDS, LayerShape, MoEConfig
-from tmoe_jax.validation import require, settings_from_section
 from tmoe_jax.embeddings import PositionEmbedding
 from tmoe_jax.feedforward import FeedForward
 from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.moe.settings import MOE_SHAPE_FIELDS, LayerShape, MoEConfig
 from tmoe_jax.moe.smoe import MASK_SCALINGS, SELECTIONS, SingleMixtureOfExperts
 from tmoe_jax.moe.statistics import MoEAux
+from tmoe_jax.validation import require, settings_from_section
 
 FFNS = ("dense", "moe", "smoe")
 
@@ -173,7 +173,9 @@ class LanguageModelConfig:
   @classmethod
   def from_config(cls, model_config, *, vocab_size: int) -> LanguageModelConfig:
     """Builds from the `model` section, type-checking each field (ConfigError names the field)."""
-    moe = MoEConfig.from_section(model_config, **dataclasses.asdict(settings_from_section(LayerShape, model_config)))
+    moe = MoEConfig.from_section(
+      model_config, **dataclasses.asdict(settings_from_section(LayerShape, model_config))
+    )
     return settings_from_section(cls, model_config, vocab_size=vocab_size, moe=moe)
 
 

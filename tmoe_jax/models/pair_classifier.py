@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmoe_jax.validation import require, settings_from_section
 from tmoe_jax.data.word_vocabulary import WordVocabulary
 from tmoe_jax.moe.sequence_moe import SequenceMoE
 from tmoe_jax.moe.statistics import MoEAux
+from tmoe_jax.validation import require, settings_from_section
 
 NUM_CLASSES = 2
 NUM_SEGMENTS = 2

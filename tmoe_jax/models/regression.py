@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tmoe_jax.validation import require, settings_from_section
 from tmoe_jax.feedforward import ACTIVATIONS
 from tmoe_jax.moe import losses
 from tmoe_jax.moe.dense_gating import dense_softmax_gates, dense_softmax_moe
 from tmoe_jax.moe.experts import expert_kernel_init, mlp_experts
 from tmoe_jax.moe.routing import top_k_route
 from tmoe_jax.moe.statistics import MoEAux
+from tmoe_jax.validation import require, settings_from_section
 
 KINDS = ("moe", "dense_mlp")
 GATINGS = ("dense", "top_k")

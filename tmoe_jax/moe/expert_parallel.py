@@ -42,13 +42,17 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from tmoe_jax.moe.dispatch import expert_capacity
-from tmoe_jax.moe.dropless import check_expert_weights, combine_sorted_outputs, grouped_experts, sort_by_expert
+from tmoe_jax.moe.dropless import (
+  check_expert_weights,
+  combine_sorted_outputs,
+  grouped_experts,
+  sort_by_expert,
+)
 from tmoe_jax.moe.routing import check_top_k
 from tmoe_jax.moe.statistics import RoutingSums
 from tmoe_jax.moe.token_choice import ExpertCompute, local_experts, token_choice_moe
 from tmoe_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS, check_experts_divisible, num_token_shards
 from tmoe_jax.parallel.ragged_exchange import exchange_and_run_experts, max_slice_rows, resolve_exchange
-
 
 # ---------------------------------------------------------------------------
 # Sizes.
@@ -239,7 +243,12 @@ def expert_parallel_moe(
     "router": router_kernel_DxE,
     "experts": expert_weights,
   }
-  specs = {"x": groups_spec, "mask": groups_spec, "router": P(), "experts": tuple(P(EXPERT_AXIS) for _ in expert_weights)}
+  specs = {
+    "x": groups_spec,
+    "mask": groups_spec,
+    "router": P(),
+    "experts": tuple(P(EXPERT_AXIS) for _ in expert_weights),
+  }
   if jitter_GxSxE is not None:
     inputs["jitter"], specs["jitter"] = jitter_GxSxE, groups_spec
   if expert_bias_E is not None:

@@ -139,7 +139,11 @@ class MoEFeedForward(nnx.Module):
       "jitter_GxSxE": jitter_GxSxE,
       "expert_bias_E": self.expert_bias[...] if config.expert_bias_rate else None,
     }
-    expert_settings = {"expert_type": config.expert_type, "activation": config.activation, "dtype": config.dtype}
+    expert_settings = {
+      "expert_type": config.expert_type,
+      "activation": config.activation,
+      "dtype": config.dtype,
+    }
     x_GxSxD = groups.group(x_BxLxD)
     mask_GxS = groups.group(token_mask_BxL.astype(bool), pad_value=False)
     weights = expert_weights_of(self.experts, config.expert_type)
@@ -181,4 +185,3 @@ class MoEFeedForward(nnx.Module):
       router_entropy=losses.router_entropy(route.router_probs_TxE, token_mask_T),
     )
     return y_TxD, aux
-

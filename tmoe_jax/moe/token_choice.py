@@ -189,5 +189,7 @@ def token_choice_moe(
     y_GxExCxD = y_ExNxD.reshape(num_experts, num_groups, capacity, -1).transpose(1, 0, 2, 3)
     y_TxD = jax.vmap(combine_outputs)(y_GxExCxD, slots, per_group(route.gates_TxK)).reshape(num_tokens, -1)
     kept_TxK = slots.kept_TxK.reshape(num_tokens, top_k)
-  sums = routing_sums(route.router_logits_TxE, route.router_probs_TxE, route.expert_indices_TxK, kept_TxK, mask_T)
+  sums = routing_sums(
+    route.router_logits_TxE, route.router_probs_TxE, route.expert_indices_TxK, kept_TxK, mask_T
+  )
   return y_TxD.reshape(num_groups, group_size, -1), sums
