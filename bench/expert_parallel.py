@@ -37,9 +37,10 @@ from tmoe_jax.moe.dispatch import expert_capacity
 from tmoe_jax.moe.expert_parallel import bytes_moved_per_layer, expert_parallel_moe
 from tmoe_jax.moe.experts import mlp_experts
 from tmoe_jax.moe.losses import load_balancing_loss, router_z_loss
+from tmoe_jax.moe.parameter_sharding import tree_shardings
 from tmoe_jax.moe.statistics import finalize
 from tmoe_jax.parallel.mesh import make_mesh
-from tmoe_jax.parallel.sharding import batch_sharding, tree_shardings
+from tmoe_jax.parallel.sharding import batch_sharding
 
 
 def init_params(key, d_model, d_ff, num_experts):

@@ -12,25 +12,19 @@ agrees to float summation order. The default has 4 experts, which cannot split o
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import jax
 import numpy as np
+from test_cli import REPO, subprocess_env
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 MESHES = [(1, 1), (2, 4), (8, 1), (1, 8)]
 STEPS = 20
 
 
 def _train(workdir: pathlib.Path, data: int, expert: int, *overrides: str) -> dict[int, dict]:
-  env = {
-    **os.environ,
-    "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-  }
   command = [
     sys.executable,
     "-m",
@@ -48,7 +42,9 @@ def _train(workdir: pathlib.Path, data: int, expert: int, *overrides: str) -> di
     "--config.model.num_experts=8",
     *overrides,
   ]
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {row["step"]: row for row in rows if row["split"] == "train"}

@@ -28,9 +28,10 @@ from tmoe_jax.moe.dispatch import expert_capacity
 from tmoe_jax.moe.expert_parallel import bytes_moved_per_layer, expert_parallel_moe
 from tmoe_jax.moe.experts import EXPERT_PARAMS_BY_TYPE, expert_weights_of
 from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.moe.parameter_sharding import tree_shardings
 from tmoe_jax.moe.statistics import finalize
 from tmoe_jax.parallel.mesh import make_mesh
-from tmoe_jax.parallel.sharding import batch_shardings, tree_shardings
+from tmoe_jax.parallel.sharding import batch_shardings
 from tmoe_jax.training.state import TrainState, train_state_shardings
 
 B, L, D, F, E, K = 16, 4, 8, 16, 8, 2

@@ -22,7 +22,6 @@ from tmoe_jax.moe.settings import (  # noqa: F401 (re-exported: the MoE settings
   MOE_SHAPE_FIELDS,
   ROUTERS,
   SOFTMAX_ORDERS,
-  LayerShape,
   MoEConfig,
 )
 from tmoe_jax.validation import (  # noqa: F401 (require* re-exported for the model configs)
@@ -116,17 +115,15 @@ class TransformerConfig:
 
     Fields of `MoEConfig` (other than its shape) go into `moe`; the rest are this model's.
     """
-    moe_names = {field.name for field in dataclasses.fields(MoEConfig)} - set(MOE_SHAPE_FIELDS)
-    moe_fields = {name: fields.pop(name) for name in list(fields) if name in moe_names}
-    return cls(**fields, moe=MoEConfig(**moe_fields))
+    moe = MoEConfig.pop_flat_fields(fields)
+    return cls(**fields, moe=moe)
 
   @classmethod
   def from_config(cls, model_config, *, vocab_size: int) -> TransformerConfig:
     """Builds from the `model` section of a ConfigDict, type-checking each field."""
-    moe = MoEConfig.from_section(
-      model_config, **dataclasses.asdict(settings_from_section(LayerShape, model_config))
+    return settings_from_section(
+      cls, model_config, vocab_size=vocab_size, moe=MoEConfig.from_section(model_config)
     )
-    return settings_from_section(cls, model_config, vocab_size=vocab_size, moe=moe)
 
 
 # The run settings every experiment shares; the model section is checked by the task.

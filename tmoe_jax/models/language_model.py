@@ -35,7 +35,7 @@ from tmoe_jax.config import ACTIVATIONS, POSITION_EMBEDDINGS
 from tmoe_jax.embeddings import PositionEmbedding
 from tmoe_jax.feedforward import FeedForward
 from tmoe_jax.moe.layer import MoEFeedForward
-from tmoe_jax.moe.settings import MOE_SHAPE_FIELDS, LayerShape, MoEConfig
+from tmoe_jax.moe.settings import MoEConfig
 from tmoe_jax.moe.smoe import MASK_SCALINGS, SELECTIONS, SingleMixtureOfExperts
 from tmoe_jax.moe.statistics import MoEAux
 from tmoe_jax.validation import require, settings_from_section
@@ -166,17 +166,15 @@ class LanguageModelConfig:
   @classmethod
   def from_flat(cls, **fields) -> LanguageModelConfig:
     """Built from flat keyword fields, as the `model.*` config keys are (`num_experts=4, top_k=1, ...`)."""
-    moe_names = {field.name for field in dataclasses.fields(MoEConfig)} - set(MOE_SHAPE_FIELDS)
-    moe_fields = {"num_experts": 10, **{name: fields.pop(name) for name in list(fields) if name in moe_names}}
-    return cls(**fields, moe=MoEConfig(**moe_fields))
+    moe = MoEConfig.pop_flat_fields(fields, num_experts=10)
+    return cls(**fields, moe=moe)
 
   @classmethod
   def from_config(cls, model_config, *, vocab_size: int) -> LanguageModelConfig:
     """Builds from the `model` section, type-checking each field (ConfigError names the field)."""
-    moe = MoEConfig.from_section(
-      model_config, **dataclasses.asdict(settings_from_section(LayerShape, model_config))
+    return settings_from_section(
+      cls, model_config, vocab_size=vocab_size, moe=MoEConfig.from_section(model_config)
     )
-    return settings_from_section(cls, model_config, vocab_size=vocab_size, moe=moe)
 
 
 def build_ffn(config: LanguageModelConfig, layer_index: int, *, mesh=None, rngs: nnx.Rngs) -> nnx.Module:

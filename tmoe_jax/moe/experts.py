@@ -108,7 +108,7 @@ class ExpertType:
   function: the pure expert function, (weights, x_ExCxD, *, activation, dtype) -> y_ExCxD.
   module: the nnx module holding the stacked weights (same math as `function`).
   parameters: the stacked [E, ...] parameter names, in `function`'s order
-    (`parallel.sharding` splits exactly these over 'expert').
+    (`moe.parameter_sharding` splits exactly these over 'expert').
   input_projections: n, the number of [E, D, F] input projections.
   has_biases: whether every projection has a bias (weights then alternate w, b).
   hidden: activation -> the hidden function of the n pre-activations.

@@ -17,7 +17,7 @@ from tmoe_jax.moe import losses
 from tmoe_jax.moe.expert_choice import expert_choice_combine, expert_choice_dispatch, expert_choice_route
 from tmoe_jax.moe.expert_parallel import expert_parallel_moe
 from tmoe_jax.moe.experts import EXPERT_TYPES, expert_weights_of
-from tmoe_jax.moe.routing import update_expert_bias
+from tmoe_jax.moe.routing import jitter_noise, update_expert_bias
 from tmoe_jax.moe.settings import MoEConfig, check_mesh
 from tmoe_jax.moe.statistics import MoEAux, finalize
 from tmoe_jax.moe.token_choice import local_experts, routing_groups, token_choice_moe
@@ -122,13 +122,7 @@ class MoEFeedForward(nnx.Module):
       if rngs is None:
         raise ValueError("router_jitter > 0 needs `rngs` in training")
       # Drawn for the whole batch here, outside any shard_map, so every mesh sees the same noise.
-      noise_BxLxE = jax.random.uniform(
-        rngs.dropout(),
-        (batch, length, config.num_experts),
-        jnp.float32,
-        minval=1.0 - config.router_jitter,
-        maxval=1.0 + config.router_jitter,
-      )
+      noise_BxLxE = jitter_noise(rngs.dropout(), (batch, length, config.num_experts), config.router_jitter)
       jitter_GxSxE = groups.group(noise_BxLxE, pad_value=1.0)
     settings = {
       "top_k": config.top_k,

@@ -52,6 +52,17 @@ def load_balancing_loss(
   return num_experts * jnp.sum(fraction_E * probability_E)
 
 
+def router_z_per_token(router_logits_TxE: jax.Array) -> jax.Array:
+  """float32 [T]: logsumexp(logits)^2, each token's term of the ST-MoE z-loss."""
+  return jax.nn.logsumexp(router_logits_TxE.astype(jnp.float32), axis=-1) ** 2
+
+
+def router_entropy_per_token(router_probs_TxE: jax.Array) -> jax.Array:
+  """float32 [T]: the entropy (nats) of each token's router distribution; the clamp keeps 0 log 0 at 0."""
+  probs_TxE = router_probs_TxE.astype(jnp.float32)
+  return -jnp.sum(probs_TxE * jnp.log(jnp.maximum(probs_TxE, 1e-9)), axis=-1)
+
+
 def router_z_loss(router_logits: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
   """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, keeping logits small.
 
@@ -59,16 +70,12 @@ def router_z_loss(router_logits: jax.Array, token_mask: jax.Array | None = None)
     router_logits: float [T, E].
     token_mask: optional bool [T]; False tokens (padding) are ignored.
   """
-  log_z_T = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)
-  weights_T = _token_weights(router_logits.shape[0], token_mask)
-  return jnp.sum(weights_T * log_z_T**2) / jnp.maximum(jnp.sum(weights_T), 1.0)
+  return masked_mean(router_z_per_token(router_logits), token_mask)
 
 
 def router_entropy(router_probs_TxE: jax.Array, token_mask_T: jax.Array | None = None) -> jax.Array:
   """Mean entropy (nats) of the router distribution: log(E) is uniform, 0 is one-hot."""
-  entropy_T = -jnp.sum(router_probs_TxE * jnp.log(jnp.maximum(router_probs_TxE, 1e-9)), axis=-1)
-  weights_T = _token_weights(router_probs_TxE.shape[0], token_mask_T)
-  return jnp.sum(weights_T * entropy_T) / jnp.maximum(jnp.sum(weights_T), 1.0)
+  return masked_mean(router_entropy_per_token(router_probs_TxE), token_mask_T)
 
 
 def masked_mean(values_T: jax.Array, token_mask_T: jax.Array | None = None) -> jax.Array:

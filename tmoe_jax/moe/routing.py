@@ -5,6 +5,7 @@ per expert), D model width. Router math is float32 whatever the model computes
 in: a softmax over bfloat16 logits makes near-ties between experts arbitrary.
 
 Contents:
+  jitter_noise             the multiplicative router noise
   top_k_route              softmax before/after top-k, jitter, expert bias (Switch, GShard, Mixtral)
   update_expert_bias       DeepSeek-V3 auxiliary-loss-free balancing (outside the gradient)
   batch_prioritized_order  Riquelme et al. 2021 BPR: capacity goes to confident tokens
@@ -40,6 +41,15 @@ class RouteOutput:
 def check_top_k(top_k: int, num_experts: int) -> None:
   if not 1 <= top_k <= num_experts:
     raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+
+
+def jitter_noise(key: jax.Array, shape: tuple[int, ...], eps: float) -> jax.Array:
+  """Multiplicative router jitter: float32 uniform(1 - eps, 1 + eps) of `shape` (e.g. [T, E]).
+
+  The numbers depend on the element count, not the shape: [B, L, E] and [B*L, E]
+  draws with one key are the same values.
+  """
+  return jax.random.uniform(key, shape, jnp.float32, minval=1.0 - eps, maxval=1.0 + eps)
 
 
 def top_k_route(
@@ -98,10 +108,7 @@ def top_k_route(
 
   router_logits_TxE = router_logits_TxE.astype(jnp.float32)
   if jitter_key is not None and jitter_eps > 0.0:
-    noise_TxE = jax.random.uniform(
-      jitter_key, router_logits_TxE.shape, jnp.float32, minval=1.0 - jitter_eps, maxval=1.0 + jitter_eps
-    )
-    router_logits_TxE = router_logits_TxE * noise_TxE
+    router_logits_TxE = router_logits_TxE * jitter_noise(jitter_key, router_logits_TxE.shape, jitter_eps)
   router_probs_TxE = jax.nn.softmax(router_logits_TxE, axis=-1)
 
   if expert_bias_E is None:

@@ -7,7 +7,7 @@ are the GRU's / LSTM's gates stacked along the last axis.
 These are the experts of the original PyTorch MRPC project (an MLP, an RNN and a
 CNN under one gating network), rewritten so that every expert type is one stack:
 all weights carry a leading E axis (ready to be split on the 'expert' mesh axis
-by name: `SEQUENCE_EXPERT_PARAMS_BY_TYPE` lists them for `parallel.sharding`) and
+by name: `SEQUENCE_EXPERT_PARAMS_BY_TYPE` lists them for `moe.parameter_sharding`) and
 all E experts run as batched matmuls, never a Python loop over experts. Each stack maps
 
   x_ExBxLxD, token_mask_BxL (True = real token, None = all real) -> [E, B, H].
@@ -319,7 +319,7 @@ SEQUENCE_EXPERT_TYPES = {
 }
 
 # expert_type -> its stacked [E, ...] parameter names, for name-based expert
-# sharding (cf. `tmoe_jax.parallel.sharding.EXPERT_PARAMS_BY_TYPE`).
+# sharding (cf. `tmoe_jax.moe.experts.EXPERT_PARAMS_BY_TYPE`).
 SEQUENCE_EXPERT_PARAMS_BY_TYPE: dict[str, tuple[str, ...]] = {
   "mlp": ("w_in_ExDxH", "b_in_ExH", "w_out_ExHxH", "b_out_ExH"),
   "gru": ("w_input_ExDx3H", "w_hidden_ExHx3H", "b_input_Ex3H", "b_hidden_Ex3H"),

@@ -115,11 +115,19 @@ class MoEConfig:
     return expert_capacity(group_size, self.num_experts, self.top_k, factor)
 
   @classmethod
-  def from_section(cls, model_section, *, d_model: int, d_ff: int, activation: str, dtype) -> MoEConfig:
-    """Every routing / dispatch / expert setting from the `model` section; the layer's shape from the model."""
-    return settings_from_section(
-      cls, model_section, d_model=d_model, d_ff=d_ff, activation=activation, dtype=dtype
-    )
+  def from_section(cls, model_section) -> MoEConfig:
+    """Every MoE setting from the flat `model` section, type-checked; the model holding it resets the shape."""
+    shape = settings_from_section(LayerShape, model_section)
+    return settings_from_section(cls, model_section, **dataclasses.asdict(shape))
+
+  @classmethod
+  def pop_flat_fields(cls, fields: dict[str, Any], **defaults) -> MoEConfig:
+    """Takes the MoE settings out of flat keyword `fields` (as the `model.*` keys are), over `defaults`.
+
+    The shape fields stay in `fields`: they are the model's.
+    """
+    names = {field.name for field in dataclasses.fields(cls)} - set(MOE_SHAPE_FIELDS)
+    return cls(**{**defaults, **{name: fields.pop(name) for name in list(fields) if name in names}})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from tmoe_jax.moe import losses
+
 
 @struct.dataclass
 class MoEAux:
@@ -71,9 +73,6 @@ def routing_sums(
   real_T = jnp.ones((num_tokens,), bool) if token_mask_T is None else token_mask_T.astype(bool)
   weight_T = real_T.astype(jnp.float32)
   probs_TxE = router_probs_TxE.astype(jnp.float32)
-  log_z_T = jax.nn.logsumexp(router_logits_TxE.astype(jnp.float32), axis=-1)
-  # The clamp keeps 0 * log 0 at 0.
-  entropy_T = -jnp.sum(probs_TxE * jnp.log(jnp.maximum(probs_TxE, 1e-9)), axis=-1)
   if kept_TxK is None:
     dropped = jnp.zeros((), jnp.float32)
   else:
@@ -83,8 +82,8 @@ def routing_sums(
     tokens=jnp.sum(weight_T),
     assignments_E=jnp.einsum("tke,t->e", onehot_TxKxE, weight_T),
     router_probs_E=jnp.einsum("te,t->e", probs_TxE, weight_T),
-    z_squared=jnp.sum(weight_T * log_z_T**2),
-    entropy=jnp.sum(weight_T * entropy_T),
+    z_squared=jnp.sum(weight_T * losses.router_z_per_token(router_logits_TxE)),
+    entropy=jnp.sum(weight_T * losses.router_entropy_per_token(probs_TxE)),
     dropped=dropped,
   )
 

@@ -8,6 +8,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from tmoe_jax.moe.parameter_sharding import tree_shardings
 from tmoe_jax.parallel import sharding
 
 
@@ -58,9 +59,9 @@ def train_state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
   """
   return TrainState(
     step=sharding.replicated(mesh),
-    params=sharding.tree_shardings(state.params, mesh),
+    params=tree_shardings(state.params, mesh),
     model_state=jax.tree.map(lambda _: sharding.replicated(mesh), state.model_state),
-    opt_state=sharding.tree_shardings(state.opt_state, mesh),
+    opt_state=tree_shardings(state.opt_state, mesh),
     rng=sharding.replicated(mesh),
   )
 

@@ -118,7 +118,7 @@ def train_step(
 def jit_train_step(
   graphdef, optimizer, schedule, loss_weights, loss_fn: LossFn, *, state_shardings=None, mesh=None
 ):
-  """`state_shardings` (`parallel.sharding.train_state_shardings`) and `mesh` pin the layout:
+  """`state_shardings` (`training.state.train_state_shardings`) and `mesh` pin the layout:
   the state keeps its shardings step after step and the batch is split over every device."""
   step = functools.partial(
     train_step,
