@@ -32,8 +32,8 @@ from flax import nnx
 
 from bench import moe_layer
 from bench import train_step as train_step_bench
-from tmoe_jax.config import MoEConfig
 from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.moe.settings import MoEConfig
 from tmoe_jax.training.state import count_params
 
 MIB = 2**20

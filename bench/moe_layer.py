@@ -51,10 +51,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tmoe_jax.config import MoEConfig
 from tmoe_jax.moe import dropless
 from tmoe_jax.moe.layer import MoEFeedForward
 from tmoe_jax.moe.routing import top_k_route
+from tmoe_jax.moe.settings import MoEConfig
 
 D_MODEL = 512
 D_FF = 1024

@@ -50,12 +50,12 @@ from flax import nnx
 
 from bench.timing import round_robin, summarize, timed
 from configs import tmoe as tmoe_config
-from tmoe_jax.config import DTYPES, TransformerConfig
-from tmoe_jax.training import seq2seq_steps
+from tmoe_jax.models.transformer import Transformer, TransformerConfig
+from tmoe_jax.tasks import seq2seq as seq2seq_steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.state import TrainState, count_params, create_train_state
 from tmoe_jax.training.steps import LossWeights
-from tmoe_jax.transformer import Transformer
+from tmoe_jax.validation import DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +162,8 @@ def ffn_weights_per_token(config: TransformerConfig, layer_index: int) -> int:
   if not config.is_moe_layer(layer_index):
     return 2 * config.d_model * config.d_ff
   moe = config.moe
-  if config.moe_layer != "sparse" or moe.router != "top_k":
-    raise ValueError(f"FLOPs are counted for moe_layer 'sparse' with router 'top_k', got {config}")
+  if config.moe_layer != "moe" or moe.router != "top_k":
+    raise ValueError(f"FLOPs are counted for moe_layer 'moe' with router 'top_k', got {config}")
   matrices = {"mlp": 2, "gated": 3}[moe.expert_type]
   return (
     config.d_model * moe.num_experts

@@ -48,8 +48,8 @@ from flax import nnx
 
 from bench import moe_layer
 from bench.timing import round_robin, summarize, timed
-from tmoe_jax.config import MoEConfig
 from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.moe.settings import MoEConfig
 
 try:
   import torch

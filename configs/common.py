@@ -60,6 +60,17 @@ def add_moe_settings(model: ml_collections.ConfigDict, **overrides) -> None:
   model.update(overrides)
 
 
+def add_smoe_settings(model: ml_collections.ConfigDict, **overrides) -> None:
+  """Adds every sMoE key (`tmoe_jax.moe.settings.SMoEConfig`, as `smoe_<field>`) with its default."""
+  model.smoe_keep_rate = 0.5  # share of the shared FFN's hidden units each mask keeps
+  # "gated_top1": the router's argmax; "sample_then_argmax": drawn from the router's softmax
+  # for the first smoe_sample_steps training steps, then the argmax (the original sMoE).
+  model.smoe_selection = "gated_top1"
+  model.smoe_sample_steps = 1000
+  model.smoe_mask_scaling = "keep_rate"  # kept units / keep_rate; or "mask_mean": / mean(mask)
+  model.update(overrides)
+
+
 def mesh_section(data: int = -1, expert: int = 1) -> ml_collections.ConfigDict:
   """Device mesh: batch split over data * expert devices, experts over `expert` (-1 = the rest)."""
   mesh = ml_collections.ConfigDict()

@@ -45,12 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
   # moe: top-k experts (and the sMoE's dropout masks: num_experts of them)
   common.add_moe_settings(config.model, num_experts=10, top_k=2, sequences_per_group=2)
-  config.model.smoe_keep_rate = 0.8  # share of the shared FFN's units each mask keeps
-  # "gated_top1": the router's argmax; "sample_then_argmax": drawn from the router's softmax
-  # for the first smoe_sample_steps training steps, then the argmax (the original sMoE).
-  config.model.smoe_selection = "gated_top1"
-  config.model.smoe_sample_steps = 1000
-  config.model.smoe_mask_scaling = "mask_mean"  # kept units * 1 / mean(mask); or "keep_rate"
+  common.add_smoe_settings(config.model, smoe_keep_rate=0.8, smoe_mask_scaling="mask_mean")
   config.model.load_balancing_weight = 1e-2  # moe and smoe routers
   config.model.router_z_weight = 1e-3
 

@@ -34,9 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
   config.model.moe_every = 2  # every 2nd FFN is MoE; 1 = all, 0 = dense model
   common.add_moe_settings(config.model, num_experts=4, top_k=2)
-  # "sparse", or "smoe": one shared FFN whose router picks one of num_experts dropout masks
-  config.model.moe_layer = "sparse"
-  config.model.smoe_keep_rate = 0.5  # sMoE: share of hidden units each mask keeps
+  # "moe" (top-k or expert-choice experts; "sparse" is an alias), or "smoe": one shared FFN
+  # whose router picks one of num_experts dropout masks
+  config.model.moe_layer = "moe"
+  common.add_smoe_settings(config.model)
   config.model.load_balancing_weight = 1e-2
   config.model.router_z_weight = 1e-3
 

@@ -27,14 +27,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from tmoe_jax.config import TransformerConfig
+from tmoe_jax.models.transformer import PAD_ID, Transformer, TransformerConfig
 from tmoe_jax.parallel import distributed
 from tmoe_jax.parallel.mesh import make_mesh
 from tmoe_jax.parallel.sharding import replicated
-from tmoe_jax.training import seq2seq_steps
+from tmoe_jax.tasks import seq2seq as seq2seq_steps
 from tmoe_jax.training.state import create_train_state, train_state_shardings
 from tmoe_jax.training.steps import LossWeights
-from tmoe_jax.transformer import PAD_ID, Transformer
 
 NUM_STEPS = 3
 GLOBAL_BATCH_SIZE = 8
@@ -150,7 +149,7 @@ def train(mesh=None) -> dict:
 def _expert_shard_rows(state) -> list[int]:
   """Leading (expert) size of this process's shards of every stacked expert weight."""
   params = nnx.to_pure_dict(state.params)
-  weights = list(params["encoder_layers"][0]["feed_forward"]["ffn"]["experts"].values())
+  weights = list(params["encoder_layers"][0]["ffn"]["experts"].values())
   return sorted({shard.data.shape[0] for w in weights for shard in w.addressable_shards})
 
 

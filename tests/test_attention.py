@@ -17,9 +17,8 @@ import pytest
 from flax import nnx
 
 from tmoe_jax.attention import MultiHeadAttention, causal_mask, padding_mask
-from tmoe_jax.config import TransformerConfig
 from tmoe_jax.embeddings import PositionEmbedding, sinusoidal_positions
-from tmoe_jax.transformer import PAD_ID, Transformer
+from tmoe_jax.models.transformer import PAD_ID, Transformer, TransformerConfig
 
 # ---------------------------------------------------------------------------
 # Masks.

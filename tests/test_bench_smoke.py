@@ -17,8 +17,9 @@ import pytest
 from flax import nnx
 
 from bench import grouped_matmul, memory, moe_layer, plot_time_per_token, train_step, vs_pytorch
-from tmoe_jax.config import MoEConfig, TransformerConfig
+from tmoe_jax.models.transformer import TransformerConfig
 from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.moe.settings import MoEConfig
 
 TRAIN_STEP_KEYS = {
   "size",

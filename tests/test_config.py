@@ -20,10 +20,12 @@ import pytest
 from flax import nnx
 
 import configs.tmoe
-from tmoe_jax.config import MoEConfig, TransformerConfig, validate_run_config
 from tmoe_jax.data.seq2seq import load_seq2seq_data
 from tmoe_jax.errors import ConfigError, TmoeError
-from tmoe_jax.transformer import Transformer
+from tmoe_jax.models.blocks import DenseFeedForward
+from tmoe_jax.models.transformer import Transformer, TransformerConfig
+from tmoe_jax.moe.settings import MoEConfig, SMoEConfig
+from tmoe_jax.tasks.seq2seq import validate_run_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 CONFIG_MODULES = sorted(
@@ -153,12 +155,15 @@ def test_from_config_builds_from_shipped_model_section():
   config = TransformerConfig.from_config(model, vocab_size=50)
   assert config.vocab_size == 50
   for field in dataclasses.fields(TransformerConfig):
-    if field.name not in ("vocab_size", "dtype", "moe"):
+    if field.name not in ("vocab_size", "dtype", "moe", "smoe"):
       assert getattr(config, field.name) == model[field.name], field.name
   # Every MoE setting lives in the nested MoEConfig, read from the same flat keys.
   for field in dataclasses.fields(MoEConfig):
     if field.name != "dtype":
       assert getattr(config.moe, field.name) == model[field.name], field.name
+  # The sMoE's settings live in the nested SMoEConfig, read from the `smoe_` keys.
+  for field in dataclasses.fields(SMoEConfig):
+    assert getattr(config.smoe, field.name) == model[f"smoe_{field.name}"], field.name
   assert config.dtype == config.moe.dtype == jnp.float32
   assert TransformerConfig.from_config(_model_section(dtype="bfloat16"), vocab_size=5).dtype == jnp.bfloat16
 
@@ -292,6 +297,6 @@ def test_config_module_builds_and_runs(name):
   assert np.all(np.isfinite(np.asarray(logits)))
   assert len(auxes) == model.num_moe_layers
   expected_moe = [config.is_moe_layer(i) for i in range(config.num_layers)]
-  assert [layer.feed_forward.use_moe for layer in model.encoder_layers] == expected_moe
+  assert [not isinstance(layer.ffn, DenseFeedForward) for layer in model.encoder_layers] == expected_moe
   for aux in auxes:
     assert np.isfinite(float(aux.load_balancing_loss)) and np.isfinite(float(aux.router_z_loss))

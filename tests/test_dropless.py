@@ -24,11 +24,11 @@ from absl.testing import parameterized
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tmoe_jax.config import MoEConfig
 from tmoe_jax.errors import ConfigError
 from tmoe_jax.feedforward import ACTIVATIONS
 from tmoe_jax.moe import dropless
 from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.moe.settings import MoEConfig
 from tmoe_jax.parallel.mesh import make_mesh
 
 SMALL_BLOCKS = {"block_size": 8, "granule": 4}

@@ -12,8 +12,8 @@ from tmoe_jax.data import batching
 from tmoe_jax.data.seq2seq import load_seq2seq_data, make_batch
 from tmoe_jax.parallel.mesh import make_mesh
 from tmoe_jax.tasks import seq2seq as seq2seq_task
+from tmoe_jax.tasks import seq2seq as steps
 from tmoe_jax.training import checkpointing
-from tmoe_jax.training import seq2seq_steps as steps
 from tmoe_jax.training import steps as training_steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.state import create_train_state, train_state_shardings
@@ -84,7 +84,7 @@ def test_train_step_on_a_mesh_equals_the_single_device_step(data, expert, varian
   chex.assert_trees_all_close(
     nnx.to_pure_dict(state.params), nnx.to_pure_dict(ref_state.params), atol=1e-5, rtol=1e-4
   )
-  for w in nnx.to_pure_dict(state.params)["decoder_layers"][0]["feed_forward"]["ffn"]["experts"].values():
+  for w in nnx.to_pure_dict(state.params)["decoder_layers"][0]["ffn"]["experts"].values():
     assert w.sharding.spec == P("expert") and w.addressable_shards[0].data.shape[0] == 8 // expert
   chex.assert_trees_all_close(
     nnx.to_pure_dict(state.model_state), nnx.to_pure_dict(ref_state.model_state), atol=1e-6

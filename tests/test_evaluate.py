@@ -1,4 +1,5 @@
-"""Using a trained run: `tmoe_jax.load`, `python -m train.evaluate` and `python -m train.translate`."""
+"""Using a trained run: `tmoe_jax.load`, `python -m train.evaluate` (on a run of every task) and
+`python -m train.translate`, and the `--config.*` override parser they share with `python -m train`."""
 
 import dataclasses
 import io
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_cli import REPO, subprocess_env
+from test_loading import lazy_runs
 from test_training import tiny_config
 
 import tmoe_jax
@@ -20,9 +22,11 @@ import train.translate
 from tmoe_jax import loading
 from tmoe_jax.data.seq2seq import decoder_inputs, load_seq2seq_data
 from tmoe_jax.data.vocabulary import CharVocabulary
-from tmoe_jax.errors import DataError
+from tmoe_jax.errors import ConfigError, DataError
 from tmoe_jax.tasks import runner
-from tmoe_jax.training import seq2seq_steps as steps
+from tmoe_jax.tasks import seq2seq as steps
+from tmoe_jax.tasks.loaded_runs import Seq2SeqRun
+from train.overrides import split_config_overrides, typed_overrides
 
 
 def trained_config():
@@ -44,7 +48,7 @@ def trained(tmp_path_factory):
 def test_load_restores_the_newest_checkpoint_into_a_callable_model(trained):
   workdir, _ = trained
   run = tmoe_jax.load(workdir)
-  assert run.step == 4
+  assert isinstance(run, Seq2SeqRun) and run.step == 4
   assert run.config.model.d_model == 32 and run.config.task == "seq2seq"
   assert run.vocabulary == CharVocabulary.from_json((workdir / "vocabulary.json").read_text())
   _, state = loading.restore_train_state(workdir, run.config, loading.load_task(workdir, run.config))
@@ -114,7 +118,7 @@ def test_evaluate_reproduces_the_final_results_and_writes_them(trained, capsys):
 def test_evaluate_an_older_step_on_another_split_with_beam_search(trained):
   workdir, _ = trained
   results, path = train.evaluate.evaluate(
-    workdir, step=2, split="train", raw_overrides={"eval.beam_size": "2", "eval.batch_size": "128"}
+    workdir, step=2, split="train", overrides=["--config.eval.beam_size=2", "--config.eval.batch_size", "128"]
   )
   assert path == workdir / "eval-2-train.json"
   assert (results["step"], results["decode"], results["num_examples"]) == (2, "beam2", 256)
@@ -137,9 +141,13 @@ def expect_usage_error(main, argv, capsys, message):
     (["--split", "dev"], "--split: unknown split 'dev'; data 'dates' has ['test', 'train']"),
     (["--step", "3"], "no checkpoint at step 3; available: [2, 4]"),
     (["--config.model.d_model=16"], "model.d_model: only eval.* fields can be changed"),
-    (["--config.eval.beam_size=two"], "eval.beam_size: expected int, got 'two'"),
+    (
+      ["--config.eval.beam_size=two"],
+      "bad --config override or config file: flag --config.eval.beam_size=two: invalid literal for int()",
+    ),
     (["--config.eval.beam_size", "0"], "eval.beam_size: must be >= 1 (1 = greedy), got 0"),
-    (["--config.eval.beam=2"], "eval.beam: no such field"),
+    (["--config.eval.beam=2"], "eval.beam: no such field; eval has ['batch_size', 'beam_size', "),
+    (["--config.evaluation.beam_size=2"], "evaluation.beam_size: no such field; the config has ['data', "),
     (["--splits", "test"], "unrecognized arguments: --splits test"),
   ],
 )
@@ -210,6 +218,190 @@ def test_evaluate_cli_falls_back_past_a_damaged_newest_checkpoint_quietly(traine
   assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr, result.stderr
   assert "step 2, split test" in result.stdout
   assert (workdir / "checkpoints" / "4").is_dir()  # evaluation reads; it moves nothing aside
+
+
+# --- python -m train.evaluate on a run of every task ---------------------------------------
+
+# What the training loop adds to a task's headline results (results.txt).
+LOOP_RESULTS = {
+  "final_train_loss",
+  "final_aux_loss",
+  "steps",
+  "parameters",
+  "train_time_seconds",
+  "steps_per_second_this_run",
+}
+IMAGE_KEYS = {
+  "test_accuracy",
+  "test_loss",
+  "test_examples",
+  "test_gate_entropy",
+  "test_expert_usage",
+  "test_expert_top1_fraction",
+  "test_accuracy_by_top_expert",
+  "gate_temperature",
+  "validation_accuracy",
+  "validation_loss",
+}
+# task -> (the split it reports on, the headline keys of its results.txt)
+HEADLINES = {
+  "seq2seq": (
+    "test",
+    {"exact_match", "token_accuracy", "test_loss", "test_teacher_forced_accuracy", "test_examples", "decode"},
+  ),
+  "regression": ("test", {"test_mse", "test_examples", "model"}),
+  "language_model": (
+    "validation",
+    {
+      "val_loss",
+      "val_bits_per_char",
+      "val_accuracy",
+      "val_characters",
+      "ffn",
+      "ffn_hidden_width",
+      "active_ffn_parameters_per_layer",
+    },
+  ),
+  "sentence_pair": (
+    "dev",
+    {
+      "dev_accuracy",
+      "dev_f1",
+      "dev_loss",
+      "dev_examples",
+      "majority_baseline_accuracy",
+      "majority_baseline_f1",
+      "selected_step",
+      "selected_validation_accuracy",
+    },
+  ),
+  "image_classification": ("test", IMAGE_KEYS),
+  "guided_image_classification": (
+    "test",
+    IMAGE_KEYS | {"test_routing_agreement", "test_expert_accuracy", "validation_routing_agreement"},
+  ),
+}
+
+
+@pytest.fixture(scope="module")
+def task_run(tmp_path_factory):
+  """task name -> (workdir, results) of a finished tiny run (test_loading's), trained on first use."""
+  return lazy_runs(tmp_path_factory)
+
+
+def assert_same_results(written, results, keys):
+  """Equal, floats to relative 1e-5: training evaluated on 8 sharded CPU devices, `evaluate` on one."""
+  for key in sorted(keys):
+    expected, value = results[key], written[key]
+    if isinstance(expected, float) or (isinstance(expected, list) and None not in expected):
+      np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7, err_msg=key)
+    else:
+      assert value == expected, key
+
+
+@pytest.mark.parametrize("task_name", sorted(HEADLINES))
+def test_evaluate_any_task_reproduces_its_headline_results(task_run, task_name, capsys):
+  workdir, results = task_run(task_name)
+  split, headline = HEADLINES[task_name]
+  assert set(results) - LOOP_RESULTS == headline  # the keys its results.txt has
+  train.evaluate.main(["--workdir", str(workdir)])
+  path = workdir / f"eval-{results['steps']}-{split}.json"
+  assert f"step {results['steps']}, split {split}:" in capsys.readouterr().out
+  written = json.loads(path.read_text())
+  assert (written["step"], written["split"]) == (results["steps"], split)
+  assert headline <= set(written)
+  assert_same_results(written, results, headline)
+
+
+@pytest.mark.parametrize(
+  "task_name, args, split, key",
+  [
+    ("regression", ["--config.eval.batch_size", "7"], "test", "test_mse"),
+    ("language_model", ["--config.eval.batch_size=24"], "validation", "val_loss"),
+    ("sentence_pair", ["--split=dev", "--config.eval.batch_size=3"], "dev", "dev_accuracy"),
+  ],
+)
+def test_evaluate_with_another_batch_size_gives_the_same_results(task_run, task_name, args, split, key):
+  workdir, results = task_run(task_name)
+  train.evaluate.main(["--workdir", str(workdir), *args])
+  written = json.loads((workdir / f"eval-{results['steps']}-{split}.json").read_text())
+  assert written["eval_config"]["batch_size"] == int(args[-1].rpartition("=")[2])
+  assert_same_results(written, results, [key])
+
+
+def test_evaluate_another_split_of_a_sentence_pair_run(task_run):
+  workdir, _ = task_run("sentence_pair")
+  results, path = train.evaluate.evaluate(workdir, step=None, split="validation")
+  assert path == workdir / "eval-4-validation.json"
+  assert results["validation_examples"] == 8 and 0 <= results["validation_accuracy"] <= 1
+
+
+@pytest.mark.parametrize(
+  "task_name, args, message",
+  [
+    ("regression", ["--split", "validation"], "split 'validation': the regression task has only ('test',)"),
+    (
+      "language_model",
+      ["--split", "test"],
+      "split 'test': the pydoc corpus has splits ('train', 'validation')",
+    ),
+    ("sentence_pair", ["--config.eval.batch_size=0"], "eval.batch_size: must be >= 1, got 0"),
+    ("image_classification", ["--config.model.top_k=1"], "model.top_k: only eval.* fields can be changed"),
+  ],
+)
+def test_evaluate_bad_input_for_other_tasks_exits_2(task_run, capsys, task_name, args, message):
+  workdir, _ = task_run(task_name)
+  expect_usage_error(train.evaluate.main, ["--workdir", str(workdir), *args], capsys, message)
+
+
+# --- the --config.* override parser ---------------------------------------------------------
+
+
+def test_split_config_overrides_keeps_values_with_their_flags():
+  argv = [
+    "--workdir",
+    "W",
+    "--config.eval.beam_size",
+    "4",
+    "text",
+    "--config.eval.x=1",
+    "--noconfig.eval.flag",
+  ]
+  argv += ["--config.eval.flag", "--step", "2", "--", "--config.eval.after"]
+  overrides, rest = split_config_overrides(argv)
+  assert overrides == [
+    "--config.eval.beam_size",
+    "4",
+    "--config.eval.x=1",
+    "--noconfig.eval.flag",
+    "--config.eval.flag",
+  ]
+  assert rest == ["--workdir", "W", "text", "--step", "2", "--", "--config.eval.after"]
+
+
+def test_typed_overrides_parse_as_python_m_train_parses_them():
+  config = trained_config()
+  config.eval.flag = False
+  config.lock()
+  overrides = [
+    "--config.eval.beam_size",
+    "4",
+    "--config.eval.length_penalty=1",
+    "--config.eval.flag",
+    "--config.train.learning_rate=2e-3",
+  ]
+  assert typed_overrides(config, overrides) == {
+    "eval.beam_size": 4,
+    "eval.length_penalty": 1.0,
+    "eval.flag": True,
+    "train.learning_rate": 0.002,
+  }
+  assert typed_overrides(config, ["--noconfig.eval.flag"]) == {"eval.flag": False}
+  assert config.eval.beam_size == 1 and not config.eval.flag  # parsed on a copy
+  with pytest.raises(ConfigError, match="flag --config.eval.flag=maybe: "):
+    typed_overrides(config, ["--config.eval.flag=maybe"])
+  with pytest.raises(ConfigError, match=r"unexpected arguments after the --config overrides: \['False'\]"):
+    typed_overrides(config, ["--config.eval.flag", "False"])
 
 
 # --- python -m train.translate ------------------------------------------------------------

@@ -21,7 +21,6 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tmoe_jax.config import MoEConfig
 from tmoe_jax.errors import ConfigError
 from tmoe_jax.moe import load_balancing_loss, top_k_route
 from tmoe_jax.moe.dispatch import expert_capacity
@@ -29,6 +28,7 @@ from tmoe_jax.moe.expert_parallel import bytes_moved_per_layer, expert_parallel_
 from tmoe_jax.moe.experts import EXPERT_PARAMS_BY_TYPE, expert_weights_of
 from tmoe_jax.moe.layer import MoEFeedForward
 from tmoe_jax.moe.parameter_sharding import tree_shardings
+from tmoe_jax.moe.settings import MoEConfig
 from tmoe_jax.moe.statistics import finalize
 from tmoe_jax.parallel.mesh import make_mesh
 from tmoe_jax.parallel.sharding import batch_shardings

@@ -20,7 +20,6 @@ import pytest
 from absl.testing import parameterized
 from flax import nnx
 
-from tmoe_jax.config import MoEConfig
 from tmoe_jax.moe import (
   assign_slots,
   combine_outputs,
@@ -30,6 +29,7 @@ from tmoe_jax.moe import (
   top_k_route,
 )
 from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.moe.settings import MoEConfig
 
 
 def _softmax(x):

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tmoe_jax.config import MoEConfig, TransformerConfig
 from tmoe_jax.errors import ConfigError
+from tmoe_jax.models.transformer import TransformerConfig
 from tmoe_jax.moe.layer import ExpertBias, MoEFeedForward
+from tmoe_jax.moe.settings import MoEConfig
 
 BASE = MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=16, eval_capacity_factor=4.0)
 
@@ -127,16 +128,16 @@ def test_bad_variant_settings_name_the_field(field, value, message):
     dataclasses.replace(BASE, **{field: value})
 
 
-@pytest.mark.parametrize("moe_layer", ["sparse", "smoe"])
+@pytest.mark.parametrize("moe_layer", ["moe", "smoe"])
 def test_transformer_builds_each_moe_layer_kind_and_trains_one_step(moe_layer):
   import optax
 
   import configs.tmoe
+  from tmoe_jax.models.transformer import Transformer
   from tmoe_jax.moe.smoe import SingleMixtureOfExperts
+  from tmoe_jax.tasks.seq2seq import seq2seq_loss
   from tmoe_jax.training import steps
-  from tmoe_jax.training.seq2seq_steps import seq2seq_loss
   from tmoe_jax.training.state import create_train_state
-  from tmoe_jax.transformer import Transformer
 
   model_config = configs.tmoe.get_config().model
   model_config.update(d_model=16, num_heads=2, d_ff=16, num_layers=1, num_decoder_layers=1, moe_every=1)
@@ -144,7 +145,7 @@ def test_transformer_builds_each_moe_layer_kind_and_trains_one_step(moe_layer):
   config = TransformerConfig.from_config(model_config, vocab_size=12)
   model = Transformer(config, rngs=nnx.Rngs(0))
   expected = SingleMixtureOfExperts if moe_layer == "smoe" else MoEFeedForward
-  assert isinstance(model.encoder_layers[0].feed_forward.ffn, expected)
+  assert isinstance(model.encoder_layers[0].ffn, expected)
   optimizer = optax.adam(1e-2)
   graphdef, state = create_train_state(model, optimizer, seed=0)
   source = jnp.array([[4, 5, 6, 2], [7, 8, 2, 0]])

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from configs import mrpc_moe
+from tmoe_jax.data.pair_features import NUM_OVERLAP_KINDS, NUM_PAIR_FEATURES
 from tmoe_jax.data.sentence_pairs import GLUE_HEADER
 from tmoe_jax.errors import ConfigError, DataError, WorkdirError
 from tmoe_jax.models.pair_classifier import PairClassifier, PairClassifierConfig
@@ -82,7 +83,10 @@ def test_default_config_fields():
   assert config.task == "sentence_pair" and config.data.name == "glue/mrpc"
   assert (config.model.num_experts, config.model.hidden_size) == (4, 256)
   assert config.model.expert_type in ("mlp", "rnn", "cnn")
-  PairClassifierConfig.from_config(config.model, vocab_size=100)  # every model field valid
+  # Every model field valid.
+  PairClassifierConfig.from_config(
+    config.model, vocab_size=100, num_overlap_kinds=NUM_OVERLAP_KINDS, num_pair_features=NUM_PAIR_FEATURES
+  )
 
 
 def test_smoke_train_evaluate_with_labelled_test_split(data_dir, tmp_path):
@@ -134,7 +138,14 @@ def test_evaluator_splits_and_selected_weights(data_dir):
 
 def _tiny_selected_classifier(seed: int) -> sp.SelectedClassifier:
   config = PairClassifierConfig(
-    vocab_size=20, embedding_size=4, num_experts=2, hidden_size=4, expert_type="mlp", classifier_hidden_size=0
+    vocab_size=20,
+    num_overlap_kinds=NUM_OVERLAP_KINDS,
+    num_pair_features=NUM_PAIR_FEATURES,
+    embedding_size=4,
+    num_experts=2,
+    hidden_size=4,
+    expert_type="mlp",
+    classifier_hidden_size=0,
   )
   return sp.SelectedClassifier(PairClassifier(config, rngs=nnx.Rngs(params=seed)))
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tmoe_jax.data import pair_features as pf
 from tmoe_jax.data.word_vocabulary import SPECIAL_TOKENS, WordVocabulary, split_words
 from tmoe_jax.errors import ConfigError
 from tmoe_jax.models import pair_classifier as pc
@@ -66,20 +67,20 @@ def test_vocabulary_min_count_max_size_and_errors():
 
 
 def test_overlap_kinds_by_hand():
-  kinds = pc.overlap_kinds(["the", "cat", "1998", "$2"], ["cat", "in", "1998"])
+  kinds = pf.overlap_kinds(["the", "cat", "1998", "$2"], ["cat", "in", "1998"])
   assert kinds == [
-    pc.OVERLAP_WORD_UNMATCHED,
-    pc.OVERLAP_WORD_MATCHED,
-    pc.OVERLAP_NUMBER_MATCHED,
-    pc.OVERLAP_NUMBER_UNMATCHED,
+    pf.OVERLAP_WORD_UNMATCHED,
+    pf.OVERLAP_WORD_MATCHED,
+    pf.OVERLAP_NUMBER_MATCHED,
+    pf.OVERLAP_NUMBER_UNMATCHED,
   ]
 
 
 def test_pair_features_by_hand():
   a = ["the", "cat", "sat", "on", "the", "mat"]  # unigrams {the, cat, sat, on, mat}: 5
   b = ["the", "cat", "sat", "in", "1998"]  # {the, cat, sat, in, 1998}: 5
-  features = dict(zip(pc.PAIR_FEATURE_NAMES, pc.pair_features(a, b)))
-  assert len(features) == pc.NUM_PAIR_FEATURES == 10
+  features = dict(zip(pf.PAIR_FEATURE_NAMES, pf.pair_features(a, b)))
+  assert len(features) == pf.NUM_PAIR_FEATURES == 10
   expected = {
     # shared unigrams {the, cat, sat}: 3/5 both ways
     "1gram_overlap_min": 3 / 5,
@@ -98,45 +99,50 @@ def test_pair_features_by_hand():
   for name, value in expected.items():
     assert features[name] == pytest.approx(value), name
   # No numbers on either side agree; order of the sentences does not matter.
-  same = dict(zip(pc.PAIR_FEATURE_NAMES, pc.pair_features(["x"], ["x", "y"])))
+  same = dict(zip(pf.PAIR_FEATURE_NAMES, pf.pair_features(["x"], ["x", "y"])))
   assert (same["numbers_equal"], same["numbers_jaccard"], same["has_numbers"]) == (1.0, 1.0, 0.0)
-  np.testing.assert_array_equal(pc.pair_features(a, b), pc.pair_features(b, a))
-  assert pc.pair_features([], []).tolist() == [0.0] * 6 + [1.0, 1.0, 0.0, 0.0]
+  np.testing.assert_array_equal(pf.pair_features(a, b), pf.pair_features(b, a))
+  assert pf.pair_features([], []).tolist() == [0.0] * 6 + [1.0, 1.0, 0.0, 0.0]
 
 
 def test_truncate_pair_drops_from_the_longer_sentence():
-  assert pc.truncate_pair(3, 4, 10) == (3, 4)
-  assert pc.truncate_pair(8, 3, 6) == (3, 3)
-  assert pc.truncate_pair(5, 5, 7) == (3, 4)  # ties drop from the first
+  assert pf.truncate_pair(3, 4, 10) == (3, 4)
+  assert pf.truncate_pair(8, 3, 6) == (3, 3)
+  assert pf.truncate_pair(5, 5, 7) == (3, 4)  # ties drop from the first
 
 
 def test_encode_pair_layout():
   tokens1, tokens2 = ["the", "cat", "7"], ["a", "cat"]
-  encoded = pc.encode_pair(tokens1, tokens2, VOCAB, max_length=8)
+  encoded = pf.encode_pair(tokens1, tokens2, VOCAB, max_length=8)
   the, cat, a = VOCAB.encode(["the", "cat", "a"])
   unk, sep = WordVocabulary.UNK_ID, WordVocabulary.SEP_ID
   assert encoded["token_ids"].tolist() == [the, cat, unk, sep, a, cat, 0, 0]
   assert encoded["segment_ids"].tolist() == [0, 0, 0, 0, 1, 1, 0, 0]
-  m, u, nu = pc.OVERLAP_WORD_MATCHED, pc.OVERLAP_WORD_UNMATCHED, pc.OVERLAP_NUMBER_UNMATCHED
-  assert encoded["overlap_ids"].tolist() == [u, m, nu, pc.OVERLAP_SPECIAL, u, m, 0, 0]
-  np.testing.assert_array_equal(encoded["features"], pc.pair_features(tokens1, tokens2))
+  m, u, nu = pf.OVERLAP_WORD_MATCHED, pf.OVERLAP_WORD_UNMATCHED, pf.OVERLAP_NUMBER_UNMATCHED
+  assert encoded["overlap_ids"].tolist() == [u, m, nu, pf.OVERLAP_SPECIAL, u, m, 0, 0]
+  np.testing.assert_array_equal(encoded["features"], pf.pair_features(tokens1, tokens2))
   # Too long: the longer first sentence loses its tail; kinds still see the whole other sentence.
-  short = pc.encode_pair(["x", "y", "z", "cat"], ["cat"], VOCAB, max_length=4)
+  short = pf.encode_pair(["x", "y", "z", "cat"], ["cat"], VOCAB, max_length=4)
   assert short["token_ids"].tolist() == [unk, unk, sep, cat]
-  assert short["overlap_ids"].tolist() == [u, u, pc.OVERLAP_SPECIAL, m]
-  batch = pc.encode_pairs([tokens1, ["x"]], [tokens2, ["y"]], VOCAB, 8)
-  assert batch["token_ids"].shape == (2, 8) and batch["features"].shape == (2, pc.NUM_PAIR_FEATURES)
+  assert short["overlap_ids"].tolist() == [u, u, pf.OVERLAP_SPECIAL, m]
+  batch = pf.encode_pairs([tokens1, ["x"]], [tokens2, ["y"]], VOCAB, 8)
+  assert batch["token_ids"].shape == (2, 8) and batch["features"].shape == (2, pf.NUM_PAIR_FEATURES)
   assert batch["token_ids"].dtype == np.int32 and batch["features"].dtype == np.float32
   with pytest.raises(ValueError, match="max_length"):
-    pc.encode_pair(["a"], ["b"], VOCAB, 2)
+    pf.encode_pair(["a"], ["b"], VOCAB, 2)
 
 
 # ---------------------------------------------------------------------------- model
 
 
+INPUT_SIZES = {"num_overlap_kinds": pf.NUM_OVERLAP_KINDS, "num_pair_features": pf.NUM_PAIR_FEATURES}
+
+
 def _config(**overrides):
   values = {
     "vocab_size": VOCAB.size,
+    "num_overlap_kinds": pf.NUM_OVERLAP_KINDS,
+    "num_pair_features": pf.NUM_PAIR_FEATURES,
     "embedding_size": 6,
     "num_experts": 3,
     "hidden_size": 5,
@@ -151,7 +157,7 @@ def _config(**overrides):
 
 def _batch(max_length: int) -> dict[str, np.ndarray]:
   tokens = [(split_words(a, lowercase=True), split_words(b, lowercase=True)) for a, b in PAIRS]
-  return pc.encode_pairs([t[0] for t in tokens], [t[1] for t in tokens], VOCAB, max_length)
+  return pf.encode_pairs([t[0] for t in tokens], [t[1] for t in tokens], VOCAB, max_length)
 
 
 def _param(variable) -> np.ndarray:
@@ -279,15 +285,15 @@ def test_from_config_type_checks():
   from configs import mrpc_moe
 
   model_config = mrpc_moe.get_config().model.to_dict()
-  built = pc.PairClassifierConfig.from_config(model_config, vocab_size=50)
+  built = pc.PairClassifierConfig.from_config(model_config, vocab_size=50, **INPUT_SIZES)
   assert (built.num_experts, built.hidden_size, built.dtype) == (4, 256, jnp.float32)
   model_config["num_experts"] = "4"
   with pytest.raises(ConfigError, match="model.num_experts: expected int"):
-    pc.PairClassifierConfig.from_config(model_config, vocab_size=50)
+    pc.PairClassifierConfig.from_config(model_config, vocab_size=50, **INPUT_SIZES)
   model_config["num_experts"] = 4
   model_config["dtype"] = "float16"
   with pytest.raises(ConfigError, match="model.dtype"):
-    pc.PairClassifierConfig.from_config(model_config, vocab_size=50)
+    pc.PairClassifierConfig.from_config(model_config, vocab_size=50, **INPUT_SIZES)
 
 
 def test_jit_matches_eager():

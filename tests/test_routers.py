@@ -15,6 +15,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 from flax import nnx
 
@@ -601,3 +602,21 @@ class GuidedTest(chex.TestCase, parameterized.TestCase):
     self.assertAlmostEqual(float(agreement(indices, owner)), 0.5)
     mask = jnp.asarray([True, False, True, False])
     self.assertAlmostEqual(float(agreement(indices, owner, mask)), 1.0)
+
+
+def test_every_registered_router_has_a_layer_path_and_its_facts_are_enforced():
+  """The router registry, the layer's paths and the config checks name the same routers."""
+  from tmoe_jax.errors import ConfigError
+  from tmoe_jax.models.language_model import LanguageModelConfig
+  from tmoe_jax.moe.layer import ROUTED_PATHS
+  from tmoe_jax.moe.routers import ROUTER_REGISTRY
+  from tmoe_jax.moe.settings import MoEConfig
+
+  assert set(ROUTED_PATHS) == set(ROUTER_REGISTRY)
+  for name, router in ROUTER_REGISTRY.items():
+    if not router.dropless:
+      with pytest.raises(ConfigError, match="model.dispatch"):
+        MoEConfig(router=name, dispatch="dropless")
+    if not router.causal:
+      with pytest.raises(ConfigError, match="model.router: .* not causal"):
+        LanguageModelConfig.from_flat(vocab_size=5, ffn="moe", router=name)

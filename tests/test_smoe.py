@@ -507,10 +507,9 @@ def test_rejects_unknown_selection_scaling_and_negative_sample_steps(kwargs):
 def test_smoe_needs_no_expert_count_divisible_by_the_expert_axis():
   """sMoE has no expert-sharded weights, so any number of masks works on any mesh."""
   import configs.tmoe
-  from tmoe_jax.config import TransformerConfig
   from tmoe_jax.errors import ConfigError
+  from tmoe_jax.models.transformer import Transformer, TransformerConfig
   from tmoe_jax.parallel.mesh import make_mesh
-  from tmoe_jax.transformer import Transformer
 
   model_config = configs.tmoe.get_config().model
   model_config.update(num_experts=3, top_k=1, moe_layer="smoe")

@@ -156,3 +156,29 @@ def test_jitter_multiplies_the_logits_before_routing():
   np.testing.assert_allclose(
     finalize(sums, K).router_z_loss, losses.router_z_loss(logits_TxE, mask_T), rtol=1e-5
   )
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_undropped_routing_aux_matches_the_loss_formulas(masked):
+  """Layers without capacity report `finalize(routing_sums(...))`: the Switch loss, z-loss, load and
+  entropy of `moe.losses` computed directly over the same tokens."""
+  from tmoe_jax.moe import losses
+  from tmoe_jax.moe.routing import top_k_route
+  from tmoe_jax.moe.statistics import undropped_routing_aux
+
+  logits_TxE = jax.random.normal(jax.random.key(0), (37, 6)) * 2.0
+  route = top_k_route(logits_TxE, 2)
+  mask_T = (jnp.arange(37) % 5 != 0) if masked else None
+  aux = undropped_routing_aux(
+    route.router_logits_TxE, route.router_probs_TxE, route.expert_indices_TxK, mask_T
+  )
+  probs, indices = route.router_probs_TxE, route.expert_indices_TxK
+  expected = {
+    "load_balancing_loss": losses.load_balancing_loss(probs, indices, mask_T),
+    "router_z_loss": losses.router_z_loss(route.router_logits_TxE, mask_T),
+    "expert_fraction_E": losses.expert_assignment_fraction(indices, 6, mask_T),
+    "router_entropy": losses.router_entropy(probs, mask_T),
+  }
+  for name, value in expected.items():
+    np.testing.assert_allclose(getattr(aux, name), value, rtol=1e-6, err_msg=name)
+  assert float(aux.dropped_fraction) == 0.0

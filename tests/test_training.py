@@ -16,8 +16,8 @@ from tmoe_jax.data.seq2seq import decoder_inputs, load_seq2seq_data, make_batch
 from tmoe_jax.errors import WorkdirError
 from tmoe_jax.tasks import runner
 from tmoe_jax.tasks import seq2seq as seq2seq_task
+from tmoe_jax.tasks import seq2seq as steps
 from tmoe_jax.training import checkpointing, reporting
-from tmoe_jax.training import seq2seq_steps as steps
 from tmoe_jax.training import steps as training_steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.state import create_train_state

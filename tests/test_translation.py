@@ -17,8 +17,43 @@ from tmoe_jax.tasks import runner
 
 SHARED_MULTI30K = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 
-WORDS_DE = "ein mann eine frau hund katze spielt läuft im park auf der straße mit einem ball".split()
-WORDS_EN = "a man a woman dog cat plays runs in the park on the street with a ball".split()
+WORDS_DE = [
+  "ein",
+  "mann",
+  "eine",
+  "frau",
+  "hund",
+  "katze",
+  "spielt",
+  "läuft",
+  "im",
+  "park",
+  "auf",
+  "der",
+  "straße",
+  "mit",
+  "einem",
+  "ball",
+]
+WORDS_EN = [
+  "a",
+  "man",
+  "a",
+  "woman",
+  "dog",
+  "cat",
+  "plays",
+  "runs",
+  "in",
+  "the",
+  "park",
+  "on",
+  "the",
+  "street",
+  "with",
+  "a",
+  "ball",
+]
 
 
 def write_corpus(directory: pathlib.Path, seed: int = 0) -> None:

@@ -10,6 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# Token id 0 is padding in every vocabulary (`tmoe_jax.data`), model and loss.
+PAD_ID = 0
+POSITION_EMBEDDINGS = ("sinusoidal", "learned")
+
 
 def sinusoidal_positions(length: int, d_model: int) -> np.ndarray:
   """Fixed sin/cos table of "Attention Is All You Need", float32 [length, d_model]."""

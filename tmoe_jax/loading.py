@@ -1,4 +1,4 @@
-"""Load a trained run from its workdir: the config, the vocabulary and the restored model.
+"""Load a trained run of any task from its workdir: the config, the restored model and the task's call.
 
 ```python
 import tmoe_jax
@@ -6,43 +6,43 @@ import tmoe_jax
 run = tmoe_jax.load("runs/tmoe")              # newest readable checkpoint; step=N for another
 run.translate(["3/3/98", "tue 3 mar 1998"])   # -> ["1998-03-03", "1998-03-03"]
 logits, moe_aux = run.model(source_ids, decoder_input_ids)
+tmoe_jax.load("runs/mnist_moe").classify(images_NxHxW)           # -> int labels [N]
+tmoe_jax.load("runs/smoe_lm").generate("def ", max_new_tokens=40)  # -> str
 ```
 
 Everything comes from the workdir: `config.json` (the full resolved config the
-run was trained with), `vocabulary.json` and `checkpoints/<step>/`. Only the
-`eval` section may be changed (`eval_overrides`): the other sections fix the
-parameter shapes, the token ids and the data, which the checkpoint must match.
+run was trained with), the files its task wrote (e.g. `vocabulary.json`) and
+`checkpoints/<step>/`. Only the `eval` section may be changed (`eval_overrides`):
+the other sections fix the parameter shapes, the token ids and the data, which
+the checkpoint must match. The common part (config, task, read-only restore) is
+here; `tasks.table.LOADED_RUNS` gives each task's natural call (`tasks.loaded_runs`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from tmoe_jax.config import TRAIN_LOOP_FIELDS, validate_fields
-from tmoe_jax.data.subword import SubwordVocabulary
-from tmoe_jax.data.vocabulary import CharVocabulary
-from tmoe_jax.errors import ConfigError, DataError, WorkdirError
+from tmoe_jax.errors import ConfigError, WorkdirError
 from tmoe_jax.tasks import runner
+from tmoe_jax.tasks.loaded_runs import LoadedRun
+from tmoe_jax.tasks.table import LOADED_RUNS
 from tmoe_jax.training import checkpointing
-from tmoe_jax.training import seq2seq_steps as steps
 from tmoe_jax.training import workdir as workdir_files
 from tmoe_jax.training.optimizer import make_optimizer
+from tmoe_jax.training.run_fields import TRAIN_LOOP_FIELDS
 from tmoe_jax.training.state import TrainState
 from tmoe_jax.training.task import Task
-from tmoe_jax.transformer import Transformer
+from tmoe_jax.validation import validate_fields
 
 # The config section that may differ from the one the run was trained with.
 OVERRIDABLE_SECTION = "eval"
-LOADABLE_TASKS = ("seq2seq",)
 
 
 def check_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -143,68 +143,9 @@ def restore_train_state(
   graphdef, abstract_state = abstract_train_state(config, lambda: task.build_model(None))
   manager = checkpointing.make_manager(directory, max_to_keep=config.train.keep_checkpoints, read_only=True)
   try:
-    return graphdef, checkpointing.restore(manager, abstract_state, step)
+    return graphdef, checkpointing.restore(manager, abstract_state, step, renames=task.parameter_renames)
   finally:
     manager.close()
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class LoadedRun:
-  """A trained run, restored from its workdir.
-
-  config: the run's resolved config (locked), with any eval overrides applied.
-  model: the Transformer with the checkpoint's parameters and non-parameter state.
-  vocabulary: the vocabulary (characters or subwords) the model's token ids refer to.
-  step: the training step of the restored checkpoint.
-  max_source_length / max_target_length: the padded lengths (EOS included) the
-    model was trained on; `translate` pads sources to, and decodes up to, them.
-  """
-
-  config: ml_collections.ConfigDict
-  model: Transformer
-  vocabulary: CharVocabulary | SubwordVocabulary
-  step: int
-  max_source_length: int
-  max_target_length: int
-  _decode: Callable = dataclasses.field(repr=False, compare=False)
-
-  def source_length(self, text: str) -> int:
-    """How many ids `text` encodes to, EOS included; `translate` accepts up to `max_source_length`."""
-    return len(self.vocabulary.encode(text))
-
-  def translate(self, texts: Sequence[str]) -> list[str]:
-    """Decodes each text (greedy, or beam search when config.eval.beam_size > 1); one output per input.
-
-    Raises DataError naming the first text longer than `max_source_length` ids.
-    """
-    if isinstance(texts, str):
-      raise DataError("translate takes a list of strings, not one str")
-    texts = list(texts)
-    for index, text in enumerate(texts):
-      if not isinstance(text, str):
-        raise DataError(f"texts[{index}]: expected str, got {type(text).__name__}")
-      length = self.source_length(text)
-      if length > self.max_source_length:
-        raise DataError(
-          f"texts[{index}] {text[:60]!r}: {length} tokens with EOS; this model reads at most "
-          f"{self.max_source_length}"
-        )
-    if not texts:
-      return []
-    graphdef, params, model_state = nnx.split(self.model, nnx.Param, ...)
-    del graphdef  # fixed when the decoder was compiled
-    outputs = []
-    batch_size = self.config.eval.batch_size
-    for start in range(0, len(texts), batch_size):
-      chunk = texts[start : start + batch_size]
-      source_BxS = self.vocabulary.encode_batch(chunk, self.max_source_length)
-      # Pad the batch by repeating its first row (a row of padding would attend to nothing),
-      # to a power of two so that few batch shapes are ever compiled.
-      padded_rows = min(batch_size, 1 << (len(chunk) - 1).bit_length())
-      source_BxS = np.concatenate([source_BxS, np.repeat(source_BxS[:1], padded_rows - len(chunk), axis=0)])
-      decoded_BxL = np.asarray(self._decode(params, model_state, source_BxS))
-      outputs.extend(self.vocabulary.decode(row) for row in decoded_BxL[: len(chunk)])
-    return outputs
 
 
 def load(
@@ -212,29 +153,17 @@ def load(
 ) -> LoadedRun:
   """Restores the run in `workdir` at `step` (default: the newest checkpoint that can be read).
 
-  eval_overrides: {"eval.beam_size": 4, ...} changes decoding settings; other sections
-    raise ConfigError. Raises WorkdirError for a missing or unreadable workdir or checkpoint.
+  Returns the task's class of `tasks.table.LOADED_RUNS` (`tasks.loaded_runs`): e.g. `translate` for
+  seq2seq, `classify` for the classifiers, `generate` and `score` for the language model,
+  `predict` for regression.
+
+  eval_overrides: {"eval.beam_size": 4, ...} changes evaluation settings (decoding, batch
+    size); other sections raise ConfigError. Raises WorkdirError for a missing or unreadable
+    workdir or checkpoint.
   """
   config = with_eval_overrides(read_config(workdir), eval_overrides or {})
-  if config.get("task") not in LOADABLE_TASKS:
-    raise ConfigError(f"task: can load runs of {list(LOADABLE_TASKS)}, not {config.get('task')!r}")
   task = load_task(workdir, config)
-  data, vocabulary = task.data, task.data.vocabulary
+  if config.task not in LOADED_RUNS:
+    raise ConfigError(f"task: can load runs of {sorted(LOADED_RUNS)}, not {config.task!r}")
   graphdef, state = restore_train_state(workdir, config, task, step)
-  decode = steps.jit_decode(
-    graphdef,
-    max_length=data.max_target_length,
-    beam_size=config.eval.beam_size,
-    bos_id=vocabulary.BOS_ID,
-    eos_id=vocabulary.EOS_ID,
-    length_penalty=config.eval.length_penalty,
-  )
-  return LoadedRun(
-    config=config,
-    model=nnx.merge(graphdef, state.params, state.model_state),
-    vocabulary=vocabulary,
-    step=int(state.step),
-    max_source_length=data.max_source_length,
-    max_target_length=data.max_target_length,
-    _decode=decode,
-  )
+  return LOADED_RUNS[config.task].from_task(task, graphdef, state)

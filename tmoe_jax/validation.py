@@ -58,8 +58,11 @@ def validate_fields(config, rules: tuple[FieldRule, ...], *, section: str = "") 
     require(condition(value), name, f"must be {description}, got {value!r}")
 
 
-def settings_from_section(cls, section, *, prefix: str = "model", **given):
+def settings_from_section(cls, section, *, prefix: str = "model", key_prefix: str = "", **given):
   """The frozen settings dataclass `cls`, each field not `given` read from `section` by its own name.
+
+  `key_prefix` is put before each field name to make its key (`smoe_` + `keep_rate`), for
+  settings whose flat keys share a prefix.
 
   The one typed builder every model config uses. A field's type is its default's:
   ints are accepted where a float is expected, lists where a tuple is, and a
@@ -70,9 +73,10 @@ def settings_from_section(cls, section, *, prefix: str = "model", **given):
   for field in dataclasses.fields(cls):
     if field.name in given:
       continue
-    name = f"{prefix}.{field.name}"
-    require(field.name in section, name, "missing from the config")
-    value = section[field.name]
+    key = key_prefix + field.name
+    name = f"{prefix}.{key}"
+    require(key in section, name, "missing from the config")
+    value = section[key]
     if field.name == "dtype":
       require(value in DTYPES, name, f"must be one of {tuple(DTYPES)}, got {value!r}")
       value = DTYPES[value]

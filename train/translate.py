@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.evaluate import fail, split_config_overrides, typed_overrides
+from train.overrides import fail, split_config_overrides, typed_overrides
 
 
 def check_lines(lines: list[str], run) -> None:

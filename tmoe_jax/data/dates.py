@@ -38,7 +38,6 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
-from typing import Callable
 
 import numpy as np
 
@@ -97,68 +96,61 @@ def _ordinal(day: int) -> str:
   return f"{day}{suffix}"
 
 
-def _month(d: datetime.date) -> str:
-  return _MONTHS[d.month - 1]
+def _fields(d: datetime.date) -> dict[str, int | str]:
+  """The named fields of `d` that the `_TEMPLATES` are written in."""
+  return {
+    "day": d.day,
+    "ordinal": _ordinal(d.day),
+    "m": d.month,
+    "month": _MONTHS[d.month - 1],
+    "mon": _MONTHS[d.month - 1][:3],
+    "weekday": _WEEKDAYS[d.weekday()],
+    "wkd": _WEEKDAYS[d.weekday()][:3],
+    "year": d.year,
+    "yy": f"{d.year % 100:02d}",
+  }
 
 
-def _mon(d: datetime.date) -> str:
-  return _MONTHS[d.month - 1][:3]
-
-
-def _weekday(d: datetime.date) -> str:
-  return _WEEKDAYS[d.weekday()]
-
-
-def _wkd(d: datetime.date) -> str:
-  return _WEEKDAYS[d.weekday()][:3]
-
-
-def _yy(d: datetime.date) -> str:
-  return f"{d.year % 100:02d}"
-
-
-# name -> (formatter producing the title-case string, allowed case variants;
-# the first variant is the canonical one used when no rng is given).
-_STYLES: dict[str, tuple[Callable[[datetime.date], str], tuple[str, ...]]] = {
-  # "Tuesday, 3 March 1998"
-  "weekday_day_month_year": (lambda d: f"{_weekday(d)}, {d.day} {_month(d)} {d.year}", _ALL_CASES),
-  # "Tuesday, March 3, 1998"
-  "weekday_month_day_year": (lambda d: f"{_weekday(d)}, {_month(d)} {d.day}, {d.year}", _ALL_CASES),
-  # "3 March 1998"
-  "day_month_year": (lambda d: f"{d.day} {_month(d)} {d.year}", _ALL_CASES),
-  # "March 3, 1998"
-  "month_day_year": (lambda d: f"{_month(d)} {d.day}, {d.year}", _ALL_CASES),
-  # "March 3rd, '98"
-  "month_ordinal_short_year": (lambda d: f"{_month(d)} {_ordinal(d.day)}, '{_yy(d)}", _ALL_CASES),
-  # "3rd of March 1998"
-  "ordinal_of_month_year": (lambda d: f"{_ordinal(d.day)} of {_month(d)} {d.year}", _ALL_CASES),
-  # "March the 3rd, 1998"
-  "month_the_ordinal_year": (lambda d: f"{_month(d)} the {_ordinal(d.day)}, {d.year}", _ALL_CASES),
-  # "Mar 3 1998"
-  "mon_day_year": (lambda d: f"{_mon(d)} {d.day} {d.year}", _ALL_CASES),
-  # "3 MAR 98"
-  "day_mon_short_year": (lambda d: f"{d.day} {_mon(d)} {_yy(d)}", ("upper", "title", "lower")),
-  # "tue 3 mar 1998"
-  "wkd_day_mon_year": (lambda d: f"{_wkd(d)} {d.day} {_mon(d)} {d.year}", ("lower", "title", "upper")),
-  # "Tue, Mar 3, 1998"
-  "wkd_mon_day_year": (lambda d: f"{_wkd(d)}, {_mon(d)} {d.day}, {d.year}", _ALL_CASES),
-  # "03-Mar-1998"
-  "dd_mon_yyyy_dashes": (lambda d: f"{d.day:02d}-{_mon(d)}-{d.year}", _ALL_CASES),
+# Style name -> str.format template over `_fields`, giving the title-case string.
+_TEMPLATES: dict[str, str] = {
+  "weekday_day_month_year": "{weekday}, {day} {month} {year}",  # "Tuesday, 3 March 1998"
+  "weekday_month_day_year": "{weekday}, {month} {day}, {year}",  # "Tuesday, March 3, 1998"
+  "day_month_year": "{day} {month} {year}",  # "3 March 1998"
+  "month_day_year": "{month} {day}, {year}",  # "March 3, 1998"
+  "month_ordinal_short_year": "{month} {ordinal}, '{yy}",  # "March 3rd, '98"
+  "ordinal_of_month_year": "{ordinal} of {month} {year}",  # "3rd of March 1998"
+  "month_the_ordinal_year": "{month} the {ordinal}, {year}",  # "March the 3rd, 1998"
+  "mon_day_year": "{mon} {day} {year}",  # "Mar 3 1998"
+  "day_mon_short_year": "{day} {mon} {yy}",  # "3 MAR 98"
+  "wkd_day_mon_year": "{wkd} {day} {mon} {year}",  # "tue 3 mar 1998"
+  "wkd_mon_day_year": "{wkd}, {mon} {day}, {year}",  # "Tue, Mar 3, 1998"
+  "dd_mon_yyyy_dashes": "{day:02d}-{mon}-{year}",  # "03-Mar-1998"
   # "1998/03/03": year first, always four digits.
-  "ymd_slashes": (lambda d: f"{d.year}/{d.month:02d}/{d.day:02d}", _NO_CASES),
+  "ymd_slashes": "{year}/{m:02d}/{day:02d}",
   # "3.3.1998": European day.month.year; dots always mean this order.
-  "dmy_dots": (lambda d: f"{d.day}.{d.month}.{d.year}", _NO_CASES),
+  "dmy_dots": "{day}.{m}.{year}",
   # "3/3/98": US month/day/yy; a short year last always means this order.
-  "mdy_slashes_short_year": (lambda d: f"{d.month}/{d.day}/{_yy(d)}", _NO_CASES),
-  # "19980303"
-  "compact": (lambda d: f"{d.year}{d.month:02d}{d.day:02d}", _NO_CASES),
+  "mdy_slashes_short_year": "{m}/{day}/{yy}",
+  "compact": "{year}{m:02d}{day:02d}",  # "19980303"
 }
 
-DATE_FORMATS: tuple[str, ...] = tuple(_STYLES)
+# The case variants a style may be written in, the canonical one (used when no rng is
+# given) first. Styles not listed here take _ALL_CASES.
+_CASES: dict[str, tuple[str, ...]] = {
+  "day_mon_short_year": ("upper", "title", "lower"),
+  "wkd_day_mon_year": ("lower", "title", "upper"),
+  # Digits and separators only: no letters whose case could vary.
+  "ymd_slashes": _NO_CASES,
+  "dmy_dots": _NO_CASES,
+  "mdy_slashes_short_year": _NO_CASES,
+  "compact": _NO_CASES,
+}
+
+DATE_FORMATS: tuple[str, ...] = tuple(_TEMPLATES)
 
 
 def _check_style(style: str) -> None:
-  if style not in _STYLES:
+  if style not in _TEMPLATES:
     raise ValueError(f"unknown date style {style!r}; valid styles are: " + ", ".join(DATE_FORMATS))
 
 
@@ -175,7 +167,9 @@ def _check_date(date: datetime.date) -> None:
     )
 
 
-def _apply_case(text: str, case: str) -> str:
+def _write(date: datetime.date, style: str, case: str) -> str:
+  """``date`` in ``style`` and letter ``case``; the arguments are not checked."""
+  text = _TEMPLATES[style].format(**_fields(date))
   if case == "lower":
     return text.lower()
   if case == "upper":
@@ -186,7 +180,7 @@ def _apply_case(text: str, case: str) -> str:
 def style_cases(style: str) -> tuple[str, ...]:
   """Case variants ("title", "lower", "upper") a style may be written in."""
   _check_style(style)
-  return _STYLES[style][1]
+  return _CASES.get(style, _ALL_CASES)
 
 
 def format_date(date: datetime.date, style: str, rng: np.random.Generator | None = None) -> str:
@@ -195,11 +189,10 @@ def format_date(date: datetime.date, style: str, rng: np.random.Generator | None
   Without ``rng`` the style's canonical letter case is used; with one, a
   case variant is drawn uniformly among those the style allows.
   """
-  _check_style(style)
+  cases = style_cases(style)
   _check_date(date)
-  formatter, cases = _STYLES[style]
   case = cases[0] if rng is None else cases[int(rng.integers(len(cases)))]
-  return _apply_case(formatter(date), case)
+  return _write(date, style, case)
 
 
 def target_for(date: datetime.date) -> str:
@@ -219,7 +212,7 @@ def is_test_date(date: datetime.date) -> bool:
   return date_bucket(date) < TEST_BUCKETS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _split_ordinals(split: str) -> np.ndarray:
   first, last = MIN_DATE.toordinal(), MAX_DATE.toordinal()
   want_test = split == "test"
@@ -268,9 +261,10 @@ def generate_examples(seed: int, num_examples: int, split: str) -> tuple[list[st
   targets: list[str] = []
   for di, si, u in zip(date_idx.tolist(), style_idx.tolist(), case_u.tolist()):
     date = datetime.date.fromordinal(int(ordinals[di]))
-    formatter, cases = _STYLES[DATE_FORMATS[si]]
+    style = DATE_FORMATS[si]
+    cases = style_cases(style)
     case = cases[min(int(u * len(cases)), len(cases) - 1)]
-    sources.append(_apply_case(formatter(date), case))
+    sources.append(_write(date, style, case))
     targets.append(date.isoformat())
   return sources, targets
 

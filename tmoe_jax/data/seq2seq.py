@@ -11,12 +11,12 @@ import dataclasses
 
 import numpy as np
 
-from tmoe_jax.config import FieldRule, require, validate_fields
 from tmoe_jax.data import dates
 from tmoe_jax.data.parallel_text import load_parallel_text
 from tmoe_jax.data.subword import SubwordVocabulary
 from tmoe_jax.data.vocabulary import CharVocabulary
 from tmoe_jax.errors import ConfigError
+from tmoe_jax.validation import FieldRule, require, validate_fields
 
 DATES_FIELDS: tuple[FieldRule, ...] = (
   ("seed", int, lambda v: v >= 0, ">= 0"),

@@ -25,7 +25,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from tmoe_jax.data.vocabulary import NUM_SPECIAL, UNK_CHAR, VocabularyIdentity
+from tmoe_jax.data.vocabulary import NUM_SPECIAL, UNK_CHAR, TextVocabulary
 
 MODEL_TYPES = ("unigram", "bpe")
 
@@ -35,12 +35,18 @@ _JSON_VERSION = 1
 _MIN_MAX_SENTENCE_BYTES = 4192
 
 
-class SubwordVocabulary(VocabularyIdentity):
-  PAD_ID = 0
-  BOS_ID = 1
-  EOS_ID = 2
-  UNK_ID = 3
+def _text_list(texts: Iterable[str]) -> list[str]:
+  """`texts` as a list, checked to hold only strings (a bare str is refused, not split into characters)."""
+  if isinstance(texts, str):
+    raise ValueError("texts must be an iterable of strings, not a str")
+  texts = list(texts)
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise ValueError(f"texts[{i}] must be a str, got {type(text).__name__}")
+  return texts
 
+
+class SubwordVocabulary(TextVocabulary):
   def __init__(self, model_proto: bytes):
     """Vocabulary of a serialised SentencePiece model whose specials have our ids."""
     if not isinstance(model_proto, bytes):
@@ -85,12 +91,7 @@ class SubwordVocabulary(VocabularyIdentity):
     process-wide random generator, which training with these settings does not draw from
     but is set so that a future option that does stays reproducible.
     """
-    if isinstance(texts, str):
-      raise ValueError("texts must be an iterable of strings, not a str")
-    texts = list(texts)
-    for i, text in enumerate(texts):
-      if not isinstance(text, str):
-        raise ValueError(f"texts[{i}] must be a str, got {type(text).__name__}")
+    texts = _text_list(texts)
     if not any(texts):
       raise ValueError("texts must contain at least one non-empty string")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
@@ -164,23 +165,11 @@ class SubwordVocabulary(VocabularyIdentity):
     """The subword string of `token_id` ("▁" marks a space)."""
     return self._processor.id_to_piece(self._check_id(token_id))
 
-  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = True) -> list[int]:
-    if not isinstance(text, str):
-      raise ValueError(f"text must be a str, got {text!r}")
-    ids = self._processor.encode(text, out_type=int)
-    if add_bos:
-      ids.insert(0, self.BOS_ID)
-    if add_eos:
-      ids.append(self.EOS_ID)
-    return ids
+  def _text_ids(self, text: str) -> list[int]:
+    return self._processor.encode(text, out_type=int)
 
   def _encode_all(self, texts: Sequence[str], add_bos: bool, add_eos: bool) -> list[list[int]]:
-    if isinstance(texts, str):
-      raise ValueError("texts must be a sequence of strings, not a str")
-    texts = list(texts)
-    for i, text in enumerate(texts):
-      if not isinstance(text, str):
-        raise ValueError(f"texts[{i}] must be a str, got {text!r}")
+    texts = _text_list(texts)
     # One call for the whole list: SentencePiece encodes it without a Python loop per text.
     rows = self._processor.encode(texts, out_type=int) if texts else []
     prefix = [self.BOS_ID] if add_bos else []
@@ -219,19 +208,7 @@ class SubwordVocabulary(VocabularyIdentity):
 
   def decode(self, ids) -> str:
     """Text of ``ids`` up to the first EOS; PAD and BOS are skipped, UNK becomes U+FFFD."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1:
-      raise ValueError(f"decode expects a 1-D id sequence, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-      raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
-    kept: list[int] = []
-    for i in arr.tolist():
-      if i == self.EOS_ID:
-        break
-      if i in (self.PAD_ID, self.BOS_ID):
-        continue
-      kept.append(self._check_id(i))
-    return self._processor.decode(kept)
+    return self._processor.decode([self._check_id(i) for i in self._decodable_ids(ids)])
 
   def to_json(self) -> str:
     return json.dumps(
@@ -246,17 +223,7 @@ class SubwordVocabulary(VocabularyIdentity):
 
   @classmethod
   def from_json(cls, s: str) -> SubwordVocabulary:
-    try:
-      data = json.loads(s)
-    except (TypeError, json.JSONDecodeError) as e:
-      raise ValueError(f"not a SubwordVocabulary JSON document: {e}") from e
-    if not isinstance(data, dict) or data.get("kind") != _JSON_KIND:
-      kind = data.get("kind") if isinstance(data, dict) else None
-      raise ValueError(f"not a SubwordVocabulary JSON document (kind {kind!r}): {s!r:.200}")
-    if data.get("version") != _JSON_VERSION:
-      raise ValueError(
-        f"unsupported SubwordVocabulary JSON version {data.get('version')!r}, expected {_JSON_VERSION}"
-      )
+    data = cls._read_json(s, _JSON_KIND, _JSON_VERSION)
     encoded = data.get("model_proto_base64")
     if not isinstance(encoded, str):
       raise ValueError("SubwordVocabulary JSON document has no model_proto_base64 string")

@@ -4,12 +4,16 @@ Ids 0..3 are reserved for the special tokens; the ``i``-th vocabulary
 character gets id ``i + NUM_SPECIAL``.  The vocabulary serialises to JSON so
 that it can be stored beside a checkpoint: a model is only meaningful
 together with the exact id assignment it was trained with.
+
+The bases here serve the word and subword vocabularies too: `VocabularyIdentity` (equality,
+JSON header check), `TableVocabulary` (specials, then a table of tokens) and `TextVocabulary`
+(text to ids and back, with PAD/BOS/EOS/UNK).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -41,13 +45,83 @@ class VocabularyIdentity:
   def __hash__(self) -> int:
     return hash(self._identity())
 
+  @staticmethod
+  def _read_json(text: str, kind: str, version: int) -> dict:
+    """The JSON object `text`, checked to be of `kind` (e.g. "tmoe_jax.CharVocabulary") and `version`."""
+    name = kind.rsplit(".", 1)[-1]
+    try:
+      data = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as e:
+      raise ValueError(f"not a {name} JSON document: {e}") from e
+    found = data.get("kind") if isinstance(data, dict) else None
+    if found != kind:
+      raise ValueError(f"not a {name} JSON document (kind {found!r}): {text!r:.200}")
+    if data.get("version") != version:
+      raise ValueError(f"unsupported {name} JSON version {data.get('version')!r}, expected {version}")
+    return data
 
-class CharVocabulary(VocabularyIdentity):
+
+class TableVocabulary(VocabularyIdentity):
+  """Specials at ids 0 .. num_special - 1, then one id per table entry: the i-th gets i + num_special."""
+
+  UNK_ID: int
+
+  def __init__(self, table: Sequence[str], num_special: int):
+    self._table = table
+    self._num_special = num_special
+    self._entry_to_id = {entry: i + num_special for i, entry in enumerate(table)}
+
+  @property
+  def size(self) -> int:
+    """Number of ids, specials included (the embedding table size)."""
+    return self._num_special + len(self._table)
+
+  def _identity(self):
+    return self._table
+
+  def _ids(self, entries: Iterable[str]) -> list[int]:
+    """The id of each entry, UNK_ID for those outside the table."""
+    return [self._entry_to_id.get(entry, self.UNK_ID) for entry in entries]
+
+
+class TextVocabulary(VocabularyIdentity):
+  """Encodes text to ids and back, with PAD/BOS/EOS/UNK at ids 0..3; `_text_ids` is the tokeniser."""
+
   PAD_ID = 0
   BOS_ID = 1
   EOS_ID = 2
   UNK_ID = 3
 
+  def _text_ids(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = True) -> list[int]:
+    if not isinstance(text, str):
+      raise ValueError(f"text must be a str, got {text!r}")
+    ids = self._text_ids(text)
+    if add_bos:
+      ids.insert(0, self.BOS_ID)
+    if add_eos:
+      ids.append(self.EOS_ID)
+    return ids
+
+  def _decodable_ids(self, ids) -> list[int]:
+    """The ids `decode` renders: those of 1-D integer ``ids`` before the first EOS, PAD and BOS dropped."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+      raise ValueError(f"decode expects a 1-D id sequence, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+      raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
+    kept: list[int] = []
+    for i in arr.tolist():
+      if i == self.EOS_ID:
+        break
+      if i not in (self.PAD_ID, self.BOS_ID):
+        kept.append(i)
+    return kept
+
+
+class CharVocabulary(TextVocabulary, TableVocabulary):
   def __init__(self, characters: str):
     if not isinstance(characters, str):
       raise ValueError(f"characters must be a str, got {type(characters).__name__}")
@@ -61,11 +135,10 @@ class CharVocabulary(VocabularyIdentity):
       raise ValueError(f"duplicate characters in vocabulary: {''.join(sorted(duplicates))!r}")
     if UNK_CHAR in seen:
       raise ValueError(f"character {UNK_CHAR!r} is reserved for decoding UNK_ID")
-    self._chars = characters
-    self._char_to_id = {c: i + NUM_SPECIAL for i, c in enumerate(characters)}
+    super().__init__(characters, NUM_SPECIAL)
 
   @classmethod
-  def from_texts(cls, texts: Iterable[str]) -> "CharVocabulary":
+  def from_texts(cls, texts: Iterable[str]) -> CharVocabulary:
     """Vocabulary of the sorted set of characters occurring in ``texts``."""
     if isinstance(texts, str):
       # A bare string is almost always a mistake for [string]; be
@@ -80,48 +153,24 @@ class CharVocabulary(VocabularyIdentity):
 
   @property
   def characters(self) -> str:
-    return self._chars
-
-  @property
-  def size(self) -> int:
-    """Number of ids, specials included (the embedding table size)."""
-    return NUM_SPECIAL + len(self._chars)
-
-  def _identity(self):
-    return self._chars
+    return self._table
 
   def __repr__(self) -> str:
-    return f"CharVocabulary({self._chars!r})"
+    return f"CharVocabulary({self._table!r})"
 
-  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = True) -> list[int]:
-    if not isinstance(text, str):
-      raise ValueError(f"text must be a str, got {text!r}")
-    ids = [self._char_to_id.get(c, self.UNK_ID) for c in text]
-    if add_bos:
-      ids.insert(0, self.BOS_ID)
-    if add_eos:
-      ids.append(self.EOS_ID)
-    return ids
+  def _text_ids(self, text: str) -> list[int]:
+    return self._ids(text)
 
   def decode(self, ids) -> str:
     """Text of ``ids`` up to the first EOS; PAD and BOS are skipped."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1:
-      raise ValueError(f"decode expects a 1-D id sequence, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-      raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
     out: list[str] = []
-    for i in arr.tolist():
-      if i == self.EOS_ID:
-        break
-      if i in (self.PAD_ID, self.BOS_ID):
-        continue
+    for i in self._decodable_ids(ids):
       if i == self.UNK_ID:
         out.append(UNK_CHAR)
         continue
       if not NUM_SPECIAL <= i < self.size:
         raise ValueError(f"id {i} out of range [0, {self.size})")
-      out.append(self._chars[i - NUM_SPECIAL])
+      out.append(self._table[i - NUM_SPECIAL])
     return "".join(out)
 
   def encode_batch(
@@ -147,18 +196,8 @@ class CharVocabulary(VocabularyIdentity):
     return batch
 
   def to_json(self) -> str:
-    return json.dumps({"kind": _JSON_KIND, "version": _JSON_VERSION, "characters": self._chars})
+    return json.dumps({"kind": _JSON_KIND, "version": _JSON_VERSION, "characters": self._table})
 
   @classmethod
-  def from_json(cls, s: str) -> "CharVocabulary":
-    try:
-      data = json.loads(s)
-    except (TypeError, json.JSONDecodeError) as e:
-      raise ValueError(f"not a CharVocabulary JSON document: {e}") from e
-    if not isinstance(data, dict) or data.get("kind") != _JSON_KIND:
-      raise ValueError(f"not a CharVocabulary JSON document: {s!r:.200}")
-    if data.get("version") != _JSON_VERSION:
-      raise ValueError(
-        f"unsupported CharVocabulary JSON version {data.get('version')!r}, expected {_JSON_VERSION}"
-      )
-    return cls(data["characters"])
+  def from_json(cls, s: str) -> CharVocabulary:
+    return cls(cls._read_json(s, _JSON_KIND, _JSON_VERSION)["characters"])

@@ -14,7 +14,7 @@ import collections
 import json
 from collections.abc import Iterable, Sequence
 
-from tmoe_jax.data.vocabulary import VocabularyIdentity
+from tmoe_jax.data.vocabulary import TableVocabulary
 
 NUM_SPECIAL = 3
 # What `decode` writes for the specials; none of them can be a word (words hold no '<').
@@ -31,7 +31,7 @@ def split_words(text: str, *, lowercase: bool) -> list[str]:
   return (text.lower() if lowercase else text).split()
 
 
-class WordVocabulary(VocabularyIdentity):
+class WordVocabulary(TableVocabulary):
   PAD_ID = 0
   UNK_ID = 1
   SEP_ID = 2
@@ -49,8 +49,7 @@ class WordVocabulary(VocabularyIdentity):
     duplicates = sorted(word for word, count in counts.items() if count > 1)
     if duplicates:
       raise ValueError(f"duplicate words in vocabulary: {duplicates[:10]}")
-    self._words = tuple(words)
-    self._word_to_id = {word: i + NUM_SPECIAL for i, word in enumerate(words)}
+    super().__init__(tuple(words), NUM_SPECIAL)
 
   @classmethod
   def from_token_lists(
@@ -73,24 +72,16 @@ class WordVocabulary(VocabularyIdentity):
 
   @property
   def words(self) -> tuple[str, ...]:
-    return self._words
-
-  @property
-  def size(self) -> int:
-    """Number of ids, specials included (the embedding table size)."""
-    return NUM_SPECIAL + len(self._words)
-
-  def _identity(self):
-    return self._words
+    return self._table
 
   def __repr__(self) -> str:
-    return f"WordVocabulary({len(self._words)} words)"
+    return f"WordVocabulary({len(self._table)} words)"
 
   def encode(self, tokens: Sequence[str]) -> list[int]:
     """Ids of `tokens`; words outside the vocabulary become UNK_ID."""
     if isinstance(tokens, str):
       raise TypeError("tokens must be a sequence of strings, not a str (split it first)")
-    return [self._word_to_id.get(token, self.UNK_ID) for token in tokens]
+    return self._ids(tokens)
 
   def decode(self, ids: Iterable[int]) -> list[str]:
     """Tokens of `ids`, specials as `SPECIAL_TOKENS`; PAD is skipped."""
@@ -101,25 +92,15 @@ class WordVocabulary(VocabularyIdentity):
         raise ValueError(f"id {i} out of range [0, {self.size})")
       if i == self.PAD_ID:
         continue
-      tokens.append(SPECIAL_TOKENS[i] if i < NUM_SPECIAL else self._words[i - NUM_SPECIAL])
+      tokens.append(SPECIAL_TOKENS[i] if i < NUM_SPECIAL else self._table[i - NUM_SPECIAL])
     return tokens
 
   def to_json(self) -> str:
-    return json.dumps({"kind": _JSON_KIND, "version": _JSON_VERSION, "words": list(self._words)})
+    return json.dumps({"kind": _JSON_KIND, "version": _JSON_VERSION, "words": list(self._table)})
 
   @classmethod
   def from_json(cls, text: str) -> WordVocabulary:
-    try:
-      data = json.loads(text)
-    except (TypeError, json.JSONDecodeError) as e:
-      raise ValueError(f"not a WordVocabulary JSON document: {e}") from e
-    if not isinstance(data, dict) or data.get("kind") != _JSON_KIND:
-      raise ValueError(f"not a WordVocabulary JSON document: {text!r:.200}")
-    if data.get("version") != _JSON_VERSION:
-      raise ValueError(
-        f"unsupported WordVocabulary JSON version {data.get('version')!r}, expected {_JSON_VERSION}"
-      )
-    words = data.get("words")
+    words = cls._read_json(text, _JSON_KIND, _JSON_VERSION).get("words")
     if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
       raise ValueError("WordVocabulary JSON document has no 'words' list of strings")
     return cls(words)

@@ -50,11 +50,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from tmoe_jax.moe import losses
 from tmoe_jax.moe.experts import expert_kernel_init
 from tmoe_jax.moe.guided import guided_route
 from tmoe_jax.moe.routing import top_k_route
-from tmoe_jax.moe.statistics import MoEAux
+from tmoe_jax.moe.statistics import MoEAux, undropped_routing_aux
 from tmoe_jax.validation import require, settings_from_section
 
 EXPERT_TYPES = ("mlp", "cnn")
@@ -307,15 +306,8 @@ class ImageMoEOutput:
 def routing_aux(output: ImageMoEOutput) -> MoEAux:
   """Statistics of the learned gate (not of teacher-forced routes): Switch balancing loss and expert
   load over its K picks (its argmax when dense), z-loss of the scaled logits, mean entropy."""
-  num_experts = output.router_probs_BxE.shape[-1]
-  return MoEAux(
-    load_balancing_loss=losses.load_balancing_loss(output.router_probs_BxE, output.expert_indices_BxK),
-    router_z_loss=losses.router_z_loss(output.router_logits_BxE),
-    expert_fraction_E=losses.expert_assignment_fraction(output.expert_indices_BxK, num_experts),
-    # Every expert sees every image: nothing is ever dropped.
-    dropped_fraction=jnp.zeros((), jnp.float32),
-    router_entropy=losses.router_entropy(output.router_probs_BxE),
-  )
+  # Every expert sees every image: nothing is ever dropped.
+  return undropped_routing_aux(output.router_logits_BxE, output.router_probs_BxE, output.expert_indices_BxK)
 
 
 # ----------------------------------------------------------------------------- modules

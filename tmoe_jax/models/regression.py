@@ -30,7 +30,7 @@ from tmoe_jax.moe import losses
 from tmoe_jax.moe.dense_gating import dense_softmax_gates, dense_softmax_moe
 from tmoe_jax.moe.experts import expert_kernel_init, mlp_experts
 from tmoe_jax.moe.routing import top_k_route
-from tmoe_jax.moe.statistics import MoEAux
+from tmoe_jax.moe.statistics import MoEAux, undropped_routing_aux
 from tmoe_jax.validation import require, settings_from_section
 
 KINDS = ("moe", "dense_mlp")
@@ -150,13 +150,7 @@ class MixtureOfMlps(nnx.Module):
     y_NxE = self.experts(x_ExNxI)[..., 0].T
     chosen_NxK = jnp.take_along_axis(y_NxE, route.expert_indices_TxK, axis=-1)
     y_N = jnp.sum(route.gates_TxK * chosen_NxK, axis=-1)
-    aux = MoEAux(
-      load_balancing_loss=losses.load_balancing_loss(route.router_probs_TxE, route.expert_indices_TxK),
-      router_z_loss=losses.router_z_loss(route.router_logits_TxE),
-      expert_fraction_E=losses.expert_assignment_fraction(route.expert_indices_TxK, self.config.num_experts),
-      dropped_fraction=jnp.zeros((), jnp.float32),
-      router_entropy=losses.router_entropy(route.router_probs_TxE),
-    )
+    aux = undropped_routing_aux(route.router_logits_TxE, route.router_probs_TxE, route.expert_indices_TxK)
     return y_N, (aux,)
 
 

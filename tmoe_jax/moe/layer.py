@@ -83,26 +83,22 @@ class MoEFeedForward(nnx.Module):
     deterministic: bool = True,
     drop_tokens: bool = True,
     rngs: nnx.Rngs | None = None,
+    step: jax.Array | int | None = None,
   ) -> tuple[jax.Array, MoEAux]:
-    """Returns the layer output [B, L, D] and its routing statistics.
+    """Returns the layer output [B, L, D] and its routing statistics (the feed-forward protocol of
+    `models.blocks`; `step` is accepted for it and unused: no setting here changes with the step).
 
     `drop_tokens=False` gives every expert room for all tokens (used when decoding
     one token at a time, where a dropped token would corrupt the generated output).
     `rngs` supplies the router-jitter key in training (`config.router_jitter > 0`).
     """
     config = self.config
-    batch, length, d_model = x_BxLxD.shape
+    batch, length, _ = x_BxLxD.shape
     if token_mask_BxL is None:
       token_mask_BxL = jnp.ones((batch, length), bool)
-    if config.router == "expert_choice":
-      x_TxD = x_BxLxD.reshape(batch * length, d_model)
-      router_logits_TxE = self.router(x_TxD.astype(jnp.float32))
-      num_tokens = batch * length
-      capacity = config.capacity(num_tokens, training=not deterministic) if drop_tokens else num_tokens
-      y_TxD, aux = self._expert_choice(x_TxD, router_logits_TxE, capacity, token_mask_BxL.reshape(-1))
-      y_BxLxD = y_TxD.reshape(batch, length, d_model)
-    else:
-      y_BxLxD, aux = self._token_choice(x_BxLxD, token_mask_BxL, deterministic, drop_tokens, rngs)
+    y_BxLxD, aux = ROUTED_PATHS[config.router](
+      self, x_BxLxD, token_mask_BxL, deterministic, drop_tokens, rngs
+    )
     if config.num_shared_experts:
       y_BxLxD = y_BxLxD + self.shared_experts(x_BxLxD)
     return y_BxLxD.astype(x_BxLxD.dtype), aux
@@ -159,8 +155,14 @@ class MoEFeedForward(nnx.Module):
       )
     return groups.ungroup(y_GxSxD), aux
 
-  def _expert_choice(self, x_TxD, router_logits_TxE, capacity, token_mask_T):
-    num_tokens = x_TxD.shape[0]
+  def _expert_choice(self, x_BxLxD, token_mask_BxL, deterministic, drop_tokens, rngs):
+    del rngs  # no jitter: each expert's pick is already a competition between tokens
+    batch, length, d_model = x_BxLxD.shape
+    num_tokens = batch * length
+    x_TxD = x_BxLxD.reshape(num_tokens, d_model)
+    token_mask_T = token_mask_BxL.reshape(-1)
+    router_logits_TxE = self.router(x_TxD.astype(jnp.float32))
+    capacity = self.config.capacity(num_tokens, training=not deterministic) if drop_tokens else num_tokens
     route = expert_choice_route(router_logits_TxE, capacity, token_mask_T)
     expert_out_ExCxD = self.experts(expert_choice_dispatch(x_TxD, route))
     y_TxD = expert_choice_combine(expert_out_ExCxD, route, num_tokens)
@@ -168,7 +170,7 @@ class MoEFeedForward(nnx.Module):
     picked_T = (
       jnp.zeros((num_tokens,), bool).at[route.token_indices_ExC.reshape(-1)].max(route.kept_ExC.reshape(-1))
     )
-    real_T = jnp.ones((num_tokens,), bool) if token_mask_T is None else token_mask_T
+    real_T = token_mask_T
     aux = MoEAux(
       # Balanced by construction: no balancing loss to add.
       load_balancing_loss=jnp.zeros((), jnp.float32),
@@ -178,4 +180,9 @@ class MoEFeedForward(nnx.Module):
       dropped_fraction=jnp.sum(real_T & ~picked_T) / jnp.maximum(jnp.sum(real_T), 1),
       router_entropy=losses.router_entropy(route.router_probs_TxE, token_mask_T),
     )
-    return y_TxD, aux
+    return y_TxD.reshape(batch, length, d_model), aux
+
+
+# How the layer runs each router of `routers.ROUTER_REGISTRY`:
+# (layer, x [B, L, D], token mask [B, L], deterministic, drop_tokens, rngs) -> (y [B, L, D], MoEAux).
+ROUTED_PATHS = {"top_k": MoEFeedForward._token_choice, "expert_choice": MoEFeedForward._expert_choice}

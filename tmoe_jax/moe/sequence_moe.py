@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tmoe_jax.moe import losses
 from tmoe_jax.moe.routing import check_top_k, top_k_route
 from tmoe_jax.moe.sequence_experts import SEQUENCE_EXPERT_TYPES, masked_sequence_mean
-from tmoe_jax.moe.statistics import MoEAux
+from tmoe_jax.moe.statistics import MoEAux, undropped_routing_aux
 
 
 def gates_from_route(expert_indices_BxK: jax.Array, gates_BxK: jax.Array, num_experts: int) -> jax.Array:
@@ -150,16 +149,8 @@ class SequenceMoE(nnx.Module):
     y_BxH = self.dropout(y_BxH, deterministic=deterministic, rngs=rngs)
 
     sequence_mask_B = None if token_mask_BxL is None else jnp.any(token_mask_BxL, axis=1)
-    aux = MoEAux(
-      load_balancing_loss=losses.load_balancing_loss(
-        route.router_probs_TxE, route.expert_indices_TxK, sequence_mask_B
-      ),
-      router_z_loss=losses.router_z_loss(route.router_logits_TxE, sequence_mask_B),
-      expert_fraction_E=losses.expert_assignment_fraction(
-        route.expert_indices_TxK, num_experts, sequence_mask_B
-      ),
-      # No capacity: no sequence is ever dropped.
-      dropped_fraction=jnp.zeros((), jnp.float32),
-      router_entropy=losses.router_entropy(route.router_probs_TxE, sequence_mask_B),
+    # No capacity: no sequence is ever dropped.
+    aux = undropped_routing_aux(
+      route.router_logits_TxE, route.router_probs_TxE, route.expert_indices_TxK, sequence_mask_B
     )
     return y_BxH, aux

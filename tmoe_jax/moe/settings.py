@@ -1,6 +1,7 @@
-"""Settings of one sparse MoE layer, declared once: `MoEConfig`, and the names each setting accepts.
+"""Settings of the MoE layers, declared once: `MoEConfig` (top-k and expert-choice layers),
+`SMoEConfig` (the single mixture of experts), and the names each setting accepts.
 
-Every model config that has MoE layers holds one, built from the flat `model.*`
+Every model config that has MoE layers holds one of each, built from the flat `model.*`
 config keys by `MoEConfig.from_section`; every check raises `ConfigError`
 naming the `model.*` field. The device mesh is not a setting: modules receive
 it (`check_mesh` says whether a config can run on it).
@@ -9,17 +10,18 @@ it (`check_mesh` says whether a config can run on it).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
 from tmoe_jax.moe.dispatch import expert_capacity
 from tmoe_jax.moe.experts import EXPERT_REGISTRY
+from tmoe_jax.moe.routers import ROUTER_REGISTRY, ROUTERS
+from tmoe_jax.moe.smoe import MASK_SCALINGS, SELECTIONS
 from tmoe_jax.parallel.mesh import EXPERT_AXIS, check_experts_divisible
 from tmoe_jax.validation import require, settings_from_section
 
 ACTIVATIONS = ("relu", "gelu", "silu")
-ROUTERS = ("top_k", "expert_choice")
 # capacity: fixed-size expert buffers, overflow dropped; dropless: every assignment computed
 # (`moe.dropless`: ragged_dot on GPU/TPU, a block loop on CPU), for router top_k and either
 # expert type.
@@ -63,17 +65,18 @@ class MoEConfig:
     require(
       self.dispatch in DISPATCHES, "model.dispatch", f"must be one of {DISPATCHES}, got {self.dispatch!r}"
     )
+    require(self.router in ROUTERS, "model.router", f"must be one of {ROUTERS}, got {self.router!r}")
     require(
-      self.dispatch == "capacity" or self.router == "top_k",
+      self.dispatch == "capacity" or ROUTER_REGISTRY[self.router].dropless,
       "model.dispatch",
-      f"dropless needs router top_k (expert_choice fixes each expert's capacity), got {self.router!r}",
+      f"dropless needs a router that computes every assignment, not {self.router!r} (it fixes each "
+      "expert's capacity); use router top_k",
     )
     require(
       self.expert_type in EXPERT_TYPES,
       "model.expert_type",
       f"must be one of {EXPERT_TYPES}, got {self.expert_type!r}",
     )
-    require(self.router in ROUTERS, "model.router", f"must be one of {ROUTERS}, got {self.router!r}")
     require(
       self.softmax_order in SOFTMAX_ORDERS,
       "model.softmax_order",
@@ -143,6 +146,85 @@ class LayerShape:
 MOE_SHAPE_FIELDS = tuple(field.name for field in dataclasses.fields(LayerShape))
 
 
+@dataclasses.dataclass(frozen=True)
+class SMoEConfig:
+  """Settings of the single mixture of experts (`moe.smoe.SingleMixtureOfExperts`).
+
+  Flat keys are `model.smoe_<field>`. Its number of masks is the `MoEConfig`'s
+  `num_experts`; its width is the model's to choose. Defaults differ per model
+  (each model's `from_flat` says which), so that runs saved before this class
+  keep their settings.
+  """
+
+  keep_rate: float = 0.5
+  selection: str = "gated_top1"
+  sample_steps: int = 1000
+  mask_scaling: str = "keep_rate"
+
+  KEY_PREFIX = "smoe_"
+
+  def __post_init__(self):
+    require(0.0 < self.keep_rate <= 1.0, "model.smoe_keep_rate", f"must be in (0, 1], got {self.keep_rate}")
+    require(
+      self.selection in SELECTIONS,
+      "model.smoe_selection",
+      f"must be one of {SELECTIONS}, got {self.selection!r}",
+    )
+    require(self.sample_steps >= 0, "model.smoe_sample_steps", f"must be >= 0, got {self.sample_steps}")
+    require(
+      self.mask_scaling in MASK_SCALINGS,
+      "model.smoe_mask_scaling",
+      f"must be one of {MASK_SCALINGS}, got {self.mask_scaling!r}",
+    )
+
+  @classmethod
+  def from_section(cls, model_section) -> SMoEConfig:
+    return settings_from_section(cls, model_section, key_prefix=cls.KEY_PREFIX)
+
+  @classmethod
+  def pop_flat_fields(cls, fields: dict[str, Any], **defaults) -> SMoEConfig:
+    """Takes the `smoe_*` settings out of flat keyword `fields`, over `defaults` (by field name)."""
+    keys = {cls.KEY_PREFIX + field.name for field in dataclasses.fields(cls)}
+    given = {key[len(cls.KEY_PREFIX) :]: fields.pop(key) for key in list(fields) if key in keys}
+    return cls(**{**defaults, **given})
+
+
+class HoldsMoESettings:
+  """Builders for a frozen model-settings dataclass that holds `moe: MoEConfig` and `smoe: SMoEConfig`.
+
+  The model's defaults for them (`MOE_DEFAULTS`, `SMOE_DEFAULTS`, by field name)
+  apply where flat fields do not say otherwise.
+  """
+
+  MOE_DEFAULTS: ClassVar[dict[str, Any]] = {}
+  SMOE_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+  @classmethod
+  def from_flat(cls, **fields):
+    """Built from flat keyword fields, as the `model.*` config keys are: `num_experts=8, top_k=1, ...`
+
+    Fields of `MoEConfig` (other than its shape) go into `moe`, `smoe_*` into `smoe`; the
+    rest are the model's.
+    """
+    moe = MoEConfig.pop_flat_fields(fields, **cls.MOE_DEFAULTS)
+    smoe = SMoEConfig.pop_flat_fields(fields, **cls.SMOE_DEFAULTS)
+    return cls(**fields, moe=moe, smoe=smoe)
+
+  @classmethod
+  def from_config(cls, model_config, **given):
+    """Builds from the `model` section of a ConfigDict, type-checking each field (ConfigError names it).
+
+    `given`: fields the data decides (e.g. `vocab_size`), not read from the section.
+    """
+    return settings_from_section(
+      cls,
+      model_config,
+      moe=MoEConfig.from_section(model_config),
+      smoe=SMoEConfig.from_section(model_config),
+      **given,
+    )
+
+
 def check_mesh(config: MoEConfig, mesh) -> None:
   """ConfigError naming the field unless layers of `config` can run on `mesh` (None: one device)."""
   if mesh is None or mesh.shape[EXPERT_AXIS] == 1:
@@ -154,7 +236,7 @@ def check_mesh(config: MoEConfig, mesh) -> None:
     f"{config.expert_type} experts have no expert-parallel path; use mesh.expert=1",
   )
   require(
-    config.router == "top_k",
+    ROUTER_REGISTRY[config.router].expert_parallel,
     "model.router",
     f"{config.router} has no expert-parallel path; use top_k, or mesh.expert=1",
   )

@@ -32,9 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tmoe_jax.feedforward import ACTIVATIONS
-from tmoe_jax.moe import losses
 from tmoe_jax.moe.routing import RouteOutput, top_k_route
-from tmoe_jax.moe.statistics import MoEAux
+from tmoe_jax.moe.statistics import MoEAux, undropped_routing_aux
 
 # How the router's choice is made; see the module docstring.
 SELECTIONS = ("gated_top1", "sample_then_argmax")
@@ -279,16 +278,8 @@ class SingleMixtureOfExperts(nnx.Module):
     )
     y_TxD = (gate_T[:, None].astype(ffn_TxD.dtype) * ffn_TxD).astype(x_BxLxD.dtype)
 
-    aux = MoEAux(
-      load_balancing_loss=losses.load_balancing_loss(
-        route.router_probs_TxE, route.expert_indices_TxK, stats_mask
-      ),
-      router_z_loss=losses.router_z_loss(route.router_logits_TxE, stats_mask),
-      expert_fraction_E=losses.expert_assignment_fraction(
-        route.expert_indices_TxK, self.num_masks, stats_mask
-      ),
-      dropped_fraction=jnp.zeros((), jnp.float32),
-      router_entropy=losses.router_entropy(route.router_probs_TxE, stats_mask),
+    aux = undropped_routing_aux(
+      route.router_logits_TxE, route.router_probs_TxE, route.expert_indices_TxK, stats_mask
     )
     return y_TxD.reshape(batch, length, d_model), aux
 

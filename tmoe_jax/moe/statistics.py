@@ -102,3 +102,14 @@ def finalize(sums: RoutingSums, top_k: int) -> MoEAux:
     dropped_fraction=sums.dropped / assignments,
     router_entropy=sums.entropy / tokens,
   )
+
+
+def undropped_routing_aux(
+  router_logits_TxE: jax.Array,
+  router_probs_TxE: jax.Array,
+  expert_indices_TxK: jax.Array,
+  token_mask_T: jax.Array | None = None,
+) -> MoEAux:
+  """`MoEAux` of a layer with no capacity (nothing dropped) that routes all its tokens at once."""
+  sums = routing_sums(router_logits_TxE, router_probs_TxE, expert_indices_TxK, None, token_mask_T)
+  return finalize(sums, expert_indices_TxK.shape[-1])

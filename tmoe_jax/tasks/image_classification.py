@@ -37,25 +37,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmoe_jax.config import MOE_LOSS_FIELDS, require, validate_fields
 from tmoe_jax.data import batching
 from tmoe_jax.data.images import ImageClassificationData, load_image_classification
 from tmoe_jax.errors import ConfigError, DataError
 from tmoe_jax.models.image_moe import ImageMoE, ImageMoEConfig, routing_aux
 from tmoe_jax.moe import guided
 from tmoe_jax.tasks import gate_reports
+from tmoe_jax.training.losses import classification_loss
+from tmoe_jax.training.run_fields import DATA_SOURCE_FIELDS, MOE_LOSS_FIELDS
 from tmoe_jax.training.state import TrainState
 from tmoe_jax.training.task import Task
+from tmoe_jax.validation import require, validate_fields
 
 GUIDED_GATE_LOSSES = ("cross_entropy", "binary_cross_entropy")
 SPLITS = ("train", "validation", "test")
 
 IMAGE_FIELDS = (
-  ("data.name", str, lambda v: bool(v), "a dataset name (e.g. 'mnist')"),
-  ("data.dir", str, lambda v: True, "a directory of IDX files, or empty"),
-  ("data.tfds_data_dir", str, lambda v: True, "a TFDS data dir, or empty"),
+  *DATA_SOURCE_FIELDS,
   ("data.validation_size", int, lambda v: v >= 0, ">= 0"),
-  ("data.seed", int, lambda v: v >= 0, ">= 0"),
   ("data.max_shift", int, lambda v: v >= 0, ">= 0 (0 = no augmentation)"),
   ("eval.gates_every", int, lambda v: v >= 0, ">= 0 (0 = no training rows in gates.csv)"),
 )
@@ -141,9 +140,6 @@ def guided_split_metrics(predictions: Predictions, labels_per_expert: int) -> di
 
 class ImageClassificationTask(Task):
   """MNIST-style image classification with the image MoE (task name "image_classification")."""
-
-  eval_split = "test"
-  throughput_unit = "examples"
 
   def __init__(self, config):
     super().__init__(config)
@@ -361,15 +357,6 @@ class ImageClassificationTask(Task):
       test_gates_NxE=test.gate_probs_NxE,
       num_classes=self.data.num_classes,
     )
-
-
-def classification_loss(
-  log_probs_BxC: jax.Array, labels_B: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean negative log-likelihood of the labels and the batch accuracy."""
-  nll = -jnp.mean(jnp.take_along_axis(log_probs_BxC, labels_B[:, None], axis=1))
-  accuracy = jnp.mean((jnp.argmax(log_probs_BxC, axis=1) == labels_B).astype(jnp.float32))
-  return nll, {"accuracy": accuracy}
 
 
 class GuidedImageClassificationTask(ImageClassificationTask):

@@ -21,16 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmoe_jax.config import MOE_LOSS_FIELDS, validate_fields
 from tmoe_jax.data import batching, pydoc_corpus
 from tmoe_jax.data.vocabulary import CharVocabulary
 from tmoe_jax.errors import ConfigError, DataError, WorkdirError
 from tmoe_jax.models.language_model import LanguageModel, LanguageModelConfig
 from tmoe_jax.training import reporting
-from tmoe_jax.training.seq2seq_steps import token_cross_entropy
+from tmoe_jax.training.losses import PAD_ID, token_cross_entropy, token_prediction_sums
+from tmoe_jax.training.run_fields import MOE_LOSS_FIELDS
 from tmoe_jax.training.state import TrainState
 from tmoe_jax.training.task import Task
-from tmoe_jax.transformer import PAD_ID
+from tmoe_jax.validation import validate_fields
 
 VOCABULARY_FILE = "vocabulary.json"
 CORPUS_FILE = "corpus.json"
@@ -55,10 +55,7 @@ def eval_sums(params, model_state, batch, *, graphdef) -> dict[str, jax.Array]:
   """Loss sum, correct predictions and token count over non-padding targets (to be pooled)."""
   model = nnx.merge(graphdef, params, model_state)
   logits_BxLxV, _ = model(batch["inputs"], deterministic=True)
-  loss_sum, num_tokens = token_cross_entropy(logits_BxLxV, batch["targets"])
-  valid_BxL = batch["targets"] != PAD_ID
-  correct = jnp.sum((jnp.argmax(logits_BxLxV, -1) == batch["targets"]) & valid_BxL)
-  return {"loss_sum": loss_sum, "correct": correct, "num_tokens": num_tokens}
+  return token_prediction_sums(logits_BxLxV, batch["targets"])
 
 
 class LanguageModelTask(Task):
@@ -140,7 +137,7 @@ class LanguageModelTask(Task):
         batch["targets"][num_valid:] = PAD_ID
         sums = jax.device_get(eval_fn(state.params, state.model_state, batch))
         loss_sum += float(sums["loss_sum"])
-        correct += float(sums["correct"])
+        correct += float(sums["correct_tokens"])
         num_tokens += float(sums["num_tokens"])
       loss = loss_sum / max(num_tokens, 1.0)
       return {
@@ -160,7 +157,7 @@ class LanguageModelTask(Task):
       "val_bits_per_char": evaluation["bits_per_char"],
       "val_accuracy": evaluation["accuracy"],
       "val_characters": evaluation["num_characters"],
-      "ffn": model.ffn if model.ffn != "smoe" else f"smoe/{model.smoe_selection}",
+      "ffn": model.ffn if model.ffn != "smoe" else f"smoe/{model.smoe.selection}",
       "ffn_hidden_width": model.hidden_width,
       "active_ffn_parameters_per_layer": model.active_ffn_parameters,
     }

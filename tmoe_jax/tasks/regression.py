@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmoe_jax.config import MOE_LOSS_FIELDS, validate_fields
 from tmoe_jax.data import batching
 from tmoe_jax.errors import DataError
 from tmoe_jax.models.regression import RegressionModelConfig, build_model
+from tmoe_jax.training.run_fields import MOE_LOSS_FIELDS
 from tmoe_jax.training.state import TrainState
 from tmoe_jax.training.task import Task
+from tmoe_jax.validation import validate_fields
 
 # Random streams: the first word of every seed sequence, so train and test draws never coincide.
 TRAIN_STREAM = 0
@@ -63,9 +64,6 @@ def squared_error_sum(model, batch: dict[str, jax.Array], num_valid: jax.Array) 
 
 
 class RegressionTask(Task):
-  eval_split = "test"
-  throughput_unit = "examples"
-
   def __init__(self, config):
     super().__init__(config)
     validate_fields(config, MOE_LOSS_FIELDS + REGRESSION_FIELDS)

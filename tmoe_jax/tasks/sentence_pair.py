@@ -34,25 +34,24 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tmoe_jax.config import MOE_LOSS_FIELDS, validate_fields
 from tmoe_jax.data import batching
+from tmoe_jax.data.pair_features import NUM_OVERLAP_KINDS, NUM_PAIR_FEATURES, encode_pairs
 from tmoe_jax.data.sentence_pairs import SentencePairs, binary_f1, load_sentence_pairs, majority_baseline
 from tmoe_jax.data.word_vocabulary import WordVocabulary, split_words
 from tmoe_jax.errors import ConfigError, DataError, WorkdirError
-from tmoe_jax.models.pair_classifier import PairClassifier, PairClassifierConfig, encode_pairs
+from tmoe_jax.models.pair_classifier import PairClassifier, PairClassifierConfig
 from tmoe_jax.training import reporting
+from tmoe_jax.training.run_fields import DATA_SOURCE_FIELDS, MOE_LOSS_FIELDS
 from tmoe_jax.training.state import TrainState
 from tmoe_jax.training.task import Task
+from tmoe_jax.validation import validate_fields
 
 VOCABULARY_FILE = "vocabulary.json"
 TRAIN, VALIDATION, DEV, TEST = "train", "validation", "dev", "test"
 
 SENTENCE_PAIR_FIELDS = (
-  ("data.name", str, lambda v: bool(v), "a dataset name such as 'glue/mrpc'"),
-  ("data.dir", str, lambda v: True, "a string"),
-  ("data.tfds_data_dir", str, lambda v: True, "a string"),
+  *DATA_SOURCE_FIELDS,
   ("data.validation_size", int, lambda v: v >= 1, ">= 1"),
-  ("data.seed", int, lambda v: v >= 0, ">= 0"),
   ("data.max_length", int, lambda v: v >= 3, ">= 3 (a token of each sentence and <sep>)"),
   ("data.lowercase", bool, lambda v: True, "True or False"),
   ("data.min_word_count", int, lambda v: v >= 1, ">= 1"),
@@ -236,13 +235,18 @@ class SentencePairTask(Task):
     validate_fields(config, MOE_LOSS_FIELDS + SENTENCE_PAIR_FIELDS)
     self.data = prepare_data(config.data)
     # Validated now, so that a bad model section fails before any file is written.
-    PairClassifierConfig.from_config(config.model, vocab_size=self.data.vocabulary.size)
+    self.model_config  # noqa: B018
     self._validation_chunks = validation_chunks(self.data.splits[VALIDATION], config.eval.batch_size)
     self._evaluator = None
 
   @property
   def model_config(self) -> PairClassifierConfig:
-    return PairClassifierConfig.from_config(self.config.model, vocab_size=self.data.vocabulary.size)
+    return PairClassifierConfig.from_config(
+      self.config.model,
+      vocab_size=self.data.vocabulary.size,
+      num_overlap_kinds=NUM_OVERLAP_KINDS,
+      num_pair_features=NUM_PAIR_FEATURES,
+    )
 
   def build_model(self, mesh) -> SelectedClassifier:
     del mesh  # small experts, replicated on every device; the batch is split over the mesh

@@ -1,6 +1,8 @@
 """The seq2seq task: the Transformer-MoE encoder-decoder trained with teacher forcing.
 
-Evaluation reports the teacher-forced loss and token accuracy, and exact match /
+Shapes: B batch, S source length, L target length. Its steps (loss, eval, decode)
+are pure functions jitted here; the train step is the generic
+`training.steps.train_step` with `seq2seq_loss`. Evaluation reports the teacher-forced loss and token accuracy, and exact match /
 token accuracy of greedy or beam-search outputs against the references.
 """
 
@@ -11,30 +13,105 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tmoe_jax import decoding
 from tmoe_jax.bleu import bleu_signature, corpus_bleu
-from tmoe_jax.config import MOE_LOSS_FIELDS, SEQ2SEQ_FIELDS, TransformerConfig, validate_fields
 from tmoe_jax.data import batching
 from tmoe_jax.data.seq2seq import Seq2SeqSplit, load_seq2seq_data, load_translation, make_batch
 from tmoe_jax.data.subword import SubwordVocabulary
 from tmoe_jax.errors import ConfigError, DataError, WorkdirError
+from tmoe_jax.models.transformer import PARAMETER_RENAMES, Transformer, TransformerConfig
 from tmoe_jax.training import reporting
-from tmoe_jax.training import seq2seq_steps as steps
+from tmoe_jax.training import steps as train_steps
+from tmoe_jax.training.losses import PAD_ID, token_cross_entropy, token_prediction_sums
+from tmoe_jax.training.run_fields import MOE_LOSS_FIELDS, TRAIN_LOOP_FIELDS
 from tmoe_jax.training.state import TrainState
 from tmoe_jax.training.task import Task
-from tmoe_jax.transformer import Transformer
+from tmoe_jax.validation import FieldRule, validate_fields
 
 VOCABULARY_FILE = "vocabulary.json"
 # Length-bucketed batches are cut to a multiple of this many positions.
 LENGTH_MULTIPLE = 16
+SEQ2SEQ_FIELDS: tuple[FieldRule, ...] = (
+  ("train.label_smoothing", (int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("eval.beam_size", int, lambda v: v >= 1, ">= 1 (1 = greedy)"),
+)
+
+
+def validate_run_config(config) -> None:
+  """Checks the train/eval/data settings of a seq2seq run; raises ConfigError naming the first bad field."""
+  validate_fields(config, TRAIN_LOOP_FIELDS + MOE_LOSS_FIELDS + SEQ2SEQ_FIELDS)
 
 
 def build_model(config, vocab_size: int, seed: int, mesh=None) -> Transformer:
   """The Transformer of `config.model`; with a multi-device `mesh` its MoE layers run expert-parallel."""
   model_config = TransformerConfig.from_config(config.model, vocab_size=vocab_size)
   return Transformer(model_config, mesh=mesh, rngs=nnx.Rngs(params=seed))
+
+
+def seq2seq_loss(model, batch, rngs: nnx.Rngs, step, *, label_smoothing: float = 0.0):
+  """The generic step's `loss_fn`: mean token cross-entropy of teacher-forced decoding."""
+  logits, auxes = model(batch["source"], batch["decoder_input"], deterministic=False, rngs=rngs, step=step)
+  loss_sum, num_tokens = token_cross_entropy(logits, batch["target"], label_smoothing)
+  return loss_sum / jnp.maximum(num_tokens, 1.0), {"num_tokens": num_tokens}, auxes
+
+
+def eval_step(
+  params: nnx.State, model_state: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
+):
+  """Teacher-forced sums over the batch: loss, correct tokens, token count (to be pooled)."""
+  model = nnx.merge(graphdef, params, model_state)
+  logits, _ = model(batch["source"], batch["decoder_input"], deterministic=True)
+  return token_prediction_sums(logits, batch["target"])
+
+
+def decode_batch(
+  params: nnx.State,
+  model_state: nnx.State,
+  source_BxS: jax.Array,
+  *,
+  graphdef: nnx.GraphDef,
+  max_length: int,
+  beam_size: int,
+  bos_id: int,
+  eos_id: int,
+  length_penalty: float = 0.6,
+) -> jax.Array:
+  """Decodes [B, S] sources to int32 [B, max_length] tokens: greedy if beam_size == 1, else the best beam."""
+  model = nnx.merge(graphdef, params, model_state)
+  encoded_BxSxD, _ = model.encode(source_BxS)
+  cache = model.init_decode_cache(encoded_BxSxD, source_BxS, max_length)
+  common = dict(
+    batch_size=source_BxS.shape[0], max_length=max_length, bos_id=bos_id, eos_id=eos_id, pad_id=PAD_ID
+  )
+  if beam_size == 1:
+    return decoding.greedy_decode(model.decode_step, cache, **common)
+  sequences, _ = decoding.beam_search(
+    model.decode_step, cache, beam_size=beam_size, length_penalty=length_penalty, **common
+  )
+  return sequences[:, 0]
+
+
+def jit_train_step(
+  graphdef, optimizer, schedule, loss_weights, *, label_smoothing=0.0, state_shardings=None, mesh=None
+):
+  """`training.steps.jit_train_step` with the seq2seq loss."""
+  loss_fn = functools.partial(seq2seq_loss, label_smoothing=label_smoothing)
+  return train_steps.jit_train_step(
+    graphdef, optimizer, schedule, loss_weights, loss_fn, state_shardings=state_shardings, mesh=mesh
+  )
+
+
+def jit_eval_step(graphdef):
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef))
+
+
+def jit_decode(graphdef, **settings):
+  """`decode_batch` jitted for `graphdef`; `settings`: its max_length, beam_size, bos_id, eos_id, length_penalty."""
+  return jax.jit(functools.partial(decode_batch, graphdef=graphdef, **settings))
 
 
 def evaluate(
@@ -89,6 +166,7 @@ class Seq2SeqTask(Task):
   eval_split = "test"
   throughput_unit = "tokens"
   expert_parallel = True  # the Transformer's top-k MoE layers run on the mesh
+  parameter_renames = PARAMETER_RENAMES
 
   def __init__(self, config):
     super().__init__(config)
@@ -162,12 +240,12 @@ class Seq2SeqTask(Task):
     return int(np.sum(batch["source"] != 0) + np.sum(batch["target"] != 0))
 
   def loss(self, model, batch, rngs, step):
-    return steps.seq2seq_loss(model, batch, rngs, step, label_smoothing=self.config.train.label_smoothing)
+    return seq2seq_loss(model, batch, rngs, step, label_smoothing=self.config.train.label_smoothing)
 
   def make_evaluator(self, graphdef):
-    eval_fn = steps.jit_eval_step(graphdef)
+    eval_fn = jit_eval_step(graphdef)
     vocabulary = self.data.vocabulary
-    decode_fn = steps.jit_decode(
+    decode_fn = jit_decode(
       graphdef,
       max_length=self.data.max_target_length,
       beam_size=self.config.eval.beam_size,

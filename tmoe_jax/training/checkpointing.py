@@ -13,14 +13,21 @@ responses:
   truncated or overwritten): the checkpoint is damaged. Restoring the newest
   step then warns on stderr and falls back to the previous step; if no step can
   be read, `WorkdirError` names the directory rather than starting from scratch.
+
+Parameters a later version of a model renamed are mapped on restore: a task
+lists `(regex, replacement)` rules over dotted array names (`renames`), and a
+checkpoint whose names match the current ones after them is read under its own
+names and handed back under the current ones.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import re
 import sys
 import traceback
+from collections.abc import Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -34,6 +41,8 @@ STATE_ITEM = "state"
 # are not step numbers) so that training can write that step again.
 CORRUPT_SUFFIX = ".corrupt"
 _MAX_LISTED_DIFFERENCES = 5
+# (regex over a dotted array name, replacement): how an older name reads today.
+Renames = Sequence[tuple[str, str]]
 
 
 class UnreadableCheckpointError(WorkdirError):
@@ -87,18 +96,30 @@ def _short(error: BaseException) -> str:
   return text if len(text) <= 240 else text[:237] + "..."
 
 
-def _shape_differences(saved_metadata, abstract_state: TrainState) -> list[str]:
-  """'name: saved (shape, dtype), now (shape, dtype)' for each array that differs or exists on one side only."""
+def current_name(name: str, renames: Renames) -> str:
+  """The name a saved array has today, after each rename rule in turn."""
+  for pattern, replacement in renames:
+    name = re.sub(pattern, replacement, name)
+  return name
 
-  def arrays(flat):
-    # Empty containers (e.g. optax's EmptyState) hold no data; only arrays must agree.
-    return {name: leaf for name, leaf in flat.items() if hasattr(leaf, "shape")}
 
-  saved = arrays(ocp_tree.to_flat_dict(saved_metadata, sep="."))
+def _arrays(flat: dict) -> dict:
+  # Empty containers (e.g. optax's EmptyState) hold no data; only arrays must agree.
+  return {name: leaf for name, leaf in flat.items() if hasattr(leaf, "shape")}
+
+
+def _flat_abstract(abstract_state: TrainState) -> dict:
   # keep_empty_nodes: Orbax cannot serialize a list with an empty element otherwise.
-  current = arrays(
-    ocp_tree.to_flat_dict(ocp_tree.serialize_tree(abstract_state, keep_empty_nodes=True), sep=".")
-  )
+  return ocp_tree.to_flat_dict(ocp_tree.serialize_tree(abstract_state, keep_empty_nodes=True), sep=".")
+
+
+def _shape_differences(saved_metadata, abstract_state: TrainState, renames: Renames = ()) -> list[str]:
+  """'name: saved (shape, dtype), now (shape, dtype)' for each array that differs or exists on one side only."""
+  saved = {
+    current_name(name, renames): leaf
+    for name, leaf in _arrays(ocp_tree.to_flat_dict(saved_metadata, sep=".")).items()
+  }
+  current = _arrays(_flat_abstract(abstract_state))
 
   def describe(leaf):
     return f"{tuple(leaf.shape)} {leaf.dtype}"
@@ -168,7 +189,42 @@ def _silence_abandoned_reads() -> None:
   sys.unraisablehook = hook
 
 
-def _restore_step(manager: ocp.CheckpointManager, abstract_state: TrainState, step: int) -> TrainState:
+def _read(manager: ocp.CheckpointManager, step: int, target):
+  directory = step_directory(manager, step)
+  try:
+    restored = manager.restore(
+      step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
+    )
+  except Exception as error:  # TensorStore raises plain Exception for unreadable data
+    raise UnreadableCheckpointError(f"{directory}: cannot read the checkpoint ({_short(error)})") from error
+  return restored[STATE_ITEM]
+
+
+def _read_renamed(
+  manager: ocp.CheckpointManager, step: int, saved_tree, abstract_state: TrainState, renames: Renames
+) -> TrainState:
+  """Reads arrays under their saved names (each shaped and placed as its current name asks), then
+  hands them back in the structure of `abstract_state`."""
+  serialized = ocp_tree.serialize_tree(abstract_state, keep_empty_nodes=True)
+  current = ocp_tree.to_flat_dict(serialized)  # {path tuple: abstract leaf}
+  current_paths = {".".join(map(str, path)): path for path in current}
+  saved = _arrays(ocp_tree.to_flat_dict(saved_tree))
+
+  def current_path(saved_path):
+    return current_paths[current_name(".".join(map(str, saved_path)), renames)]
+
+  # The saved structure (its lists stay lists), with the current shapes, dtypes and shardings.
+  target = ocp_tree.from_flat_dict({path: current[current_path(path)] for path in saved}, target=saved_tree)
+  restored = _arrays(ocp_tree.to_flat_dict(_read(manager, step, target)))
+  renamed = {**current, **{current_path(path): value for path, value in restored.items()}}
+  return ocp_tree.deserialize_tree(
+    ocp_tree.from_flat_dict(renamed, target=serialized), abstract_state, keep_empty_nodes=True
+  )
+
+
+def _restore_step(
+  manager: ocp.CheckpointManager, abstract_state: TrainState, step: int, renames: Renames = ()
+) -> TrainState:
   """Restores one step; raises WorkdirError (config mismatch) or UnreadableCheckpointError (damage)."""
   # Before reading, not after a failure: the leftover reads may finish before the error reaches us.
   _silence_abandoned_reads()
@@ -180,7 +236,7 @@ def _restore_step(manager: ocp.CheckpointManager, abstract_state: TrainState, st
     raise UnreadableCheckpointError(
       f"{directory}: cannot read the checkpoint metadata ({_short(error)})"
     ) from error
-  differences = _shape_differences(saved_tree, abstract_state)
+  differences = _shape_differences(saved_tree, abstract_state, renames)
   if differences:
     listed = "; ".join(differences[:_MAX_LISTED_DIFFERENCES])
     more = len(differences) - _MAX_LISTED_DIFFERENCES
@@ -188,13 +244,10 @@ def _restore_step(manager: ocp.CheckpointManager, abstract_state: TrainState, st
       f"{directory}: checkpoint does not match the current model config "
       f"(was it written with other model settings?): {listed}" + (f"; and {more} more" if more > 0 else "")
     )
-  try:
-    restored = manager.restore(
-      step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
-    )
-  except Exception as error:  # TensorStore raises plain Exception for unreadable data
-    raise UnreadableCheckpointError(f"{directory}: cannot read the checkpoint ({_short(error)})") from error
-  return restored[STATE_ITEM]
+  saved_names = _arrays(ocp_tree.to_flat_dict(saved_tree, sep="."))
+  if any(current_name(name, renames) != name for name in saved_names):
+    return _read_renamed(manager, step, saved_tree, abstract_state, renames)
+  return _read(manager, step, abstract_state)
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
@@ -215,6 +268,7 @@ def restore(
   step: int | None = None,
   *,
   set_aside_unreadable: bool = False,
+  renames: Renames = (),
 ) -> TrainState:
   """Restores a checkpoint into the structure of `abstract_state`.
 
@@ -222,6 +276,7 @@ def restore(
     newest step that can be read, warning on stderr about each newer one that cannot.
   set_aside_unreadable: rename the unreadable newer steps to `<step>.corrupt`, so a
     resumed run can save those steps again (training sets it; read-only loading does not).
+  renames: rules mapping older array names to current ones (see the module docstring).
   """
   available = sorted(manager.all_steps(), reverse=True)
   if not available:
@@ -229,12 +284,12 @@ def restore(
   if step is not None:
     if step not in available:
       raise WorkdirError(f"{manager.directory}: no checkpoint at step {step}; available: {sorted(available)}")
-    return _restore_step(manager, abstract_state, step)
+    return _restore_step(manager, abstract_state, step, renames)
 
   unreadable = []
   for candidate in available:
     try:
-      state = _restore_step(manager, abstract_state, candidate)
+      state = _restore_step(manager, abstract_state, candidate, renames)
     except UnreadableCheckpointError as error:
       older = [s for s in available if s < candidate]
       fallback = f"falling back to step {older[0]}" if older else "no older checkpoint to fall back to"

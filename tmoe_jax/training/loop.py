@@ -27,16 +27,17 @@ import jax
 import tqdm
 from flax import nnx
 
-from tmoe_jax.config import TRAIN_LOOP_FIELDS, validate_fields
 from tmoe_jax.errors import ConfigError, TmoeError
 from tmoe_jax.parallel import distributed, sharding
 from tmoe_jax.parallel.mesh import check_batch_divisible, expert_axis_size, make_mesh
 from tmoe_jax.training import checkpointing, reporting, steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.preemption import PreemptionGuard
+from tmoe_jax.training.run_fields import TRAIN_LOOP_FIELDS
 from tmoe_jax.training.state import TrainState, count_params, create_train_state, train_state_shardings
 from tmoe_jax.training.task import Task
 from tmoe_jax.training.workdir import CHECKPOINT_DIR, CONFIG_FILE, prepare_workdir
+from tmoe_jax.validation import validate_fields
 
 
 class TrainingDivergedError(TmoeError):
@@ -107,7 +108,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
   ) as manager:
     if manager.all_steps():
       # Falls back past damaged newer checkpoints (with a warning), never to a fresh start.
-      state = checkpointing.restore(manager, checkpointing.abstract_like(state), set_aside_unreadable=True)
+      state = checkpointing.restore(
+        manager, checkpointing.abstract_like(state), set_aside_unreadable=True, renames=task.parameter_renames
+      )
       if is_main:
         print(f"resumed from {manager.directory}/{int(state.step)}")
     start_step = int(state.step)

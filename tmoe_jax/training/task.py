@@ -33,6 +33,9 @@ class Task(abc.ABC):
   # Whether `build_model` splits MoE experts over the mesh's 'expert' axis; if not, the
   # loop refuses mesh.expert > 1 rather than silently replicating the experts.
   expert_parallel: bool = False
+  # (regex, replacement) rules from parameter names older versions of the model saved to the
+  # current ones (`checkpointing.restore`), so that old runs resume and load.
+  parameter_renames: tuple[tuple[str, str], ...] = ()
 
   def __init__(self, config):
     self.config = config

@@ -33,6 +33,20 @@ KEYS_ADDED_LATER: dict[str, dict[str, Any]] = {
     "model.expert_type": "mlp",
   },
 }
+# The Transformer's sMoE settings before they were one `SMoEConfig` (only the keep rate was a key).
+KEYS_ADDED_LATER["seq2seq"].update(
+  {
+    "model.smoe_selection": "gated_top1",
+    "model.smoe_sample_steps": 1000,
+    "model.smoe_mask_scaling": "keep_rate",
+  }
+)
+# Values a key accepted under an older name: {task: {dotted key: {old value: current value}}}.
+# Saved and current configs are compared (on resume) with the current names.
+VALUES_RENAMED: dict[str, dict[str, dict[Any, Any]]] = {
+  # The feed-forward kinds became one table (`models.blocks.FEED_FORWARDS`): "sparse" is "moe".
+  "seq2seq": {"model.moe_layer": {"sparse": "moe"}},
+}
 
 
 def _keys_missing_from(saved: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +70,17 @@ def read_saved_config_json(path: pathlib.Path) -> dict[str, Any]:
   for dotted, value in _keys_missing_from(saved).items():
     section, key = dotted.split(".")
     saved[section][key] = value
-  return saved
+  return with_current_value_names(saved)
+
+
+def with_current_value_names(config: dict[str, Any]) -> dict[str, Any]:
+  """`config` (nested dicts) with each value of `VALUES_RENAMED` under its current name, in place."""
+  for dotted, names in VALUES_RENAMED.get(config.get("task"), {}).items():
+    section, key = dotted.split(".")
+    values = config.get(section)
+    if isinstance(values, dict) and key in values and values[key] in names:
+      values[key] = names[values[key]]
+  return config
 
 
 def adopt_keys_added_later(workdir: pathlib.Path, config) -> list[str]:
@@ -105,6 +129,7 @@ def prepare_workdir(workdir: pathlib.Path, config, *, write: bool = True) -> Non
   current = json.loads(config.to_json())
   if saved_path.exists():
     saved = read_saved_config_json(saved_path)
+    current = with_current_value_names(current)
     differences = []
     for section in RESUME_INCOMPATIBLE_SECTIONS:
       old, new = _section(saved, section), _section(current, section)

@@ -1,0 +1,233 @@
+"""The pre-LN residual block every Transformer here is built from, and its feed-forward layers.
+
+Shapes: B batch, L length (queries), S memory length (keys of cross-attention), D d_model.
+
+A block is `x + Dropout(SelfAttention(LN(x)))`, then optionally
+`x + Dropout(CrossAttention(LN(x), memory))`, then `x + Dropout(FFN(LN(x)))`:
+the encoder layer (no cross-attention, padding mask), the decoder layer (causal
+mask, cross-attention over the encoder output) and the language model's layer
+(causal mask) are the same class.
+
+Every feed-forward layer has one call, the feed-forward protocol:
+`layer(x [B, L, D], token_mask [B, L] | None, *, deterministic, rngs, step, drop_tokens)
+-> (y [B, L, D], MoEAux | None)`. `FEED_FORWARD_BUILDERS` makes each kind
+(`FEED_FORWARDS`): "dense" (`feedforward.FeedForward`), "moe" (the top-k or
+expert-choice `moe.layer.MoEFeedForward`) and "smoe" (`moe.smoe.SingleMixtureOfExperts`).
+`step` is the train step (the sMoE's sampling schedule reads it); `drop_tokens=False`
+lifts expert capacity (one-token decoding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from tmoe_jax.attention import KeyValueCache, MultiHeadAttention
+from tmoe_jax.feedforward import FeedForward
+from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.moe.smoe import SingleMixtureOfExperts
+from tmoe_jax.moe.statistics import MoEAux
+
+
+class DenseFeedForward(FeedForward):
+  """`FeedForward` with the feed-forward protocol's call: (y, None); mask, step and drop_tokens unused."""
+
+  def __call__(
+    self,
+    x_BxLxD: jax.Array,
+    token_mask_BxL: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+    step: jax.Array | int | None = None,
+    drop_tokens: bool = True,
+  ) -> tuple[jax.Array, None]:
+    del token_mask_BxL, step, drop_tokens  # a dense layer treats every token alike
+    return super().__call__(x_BxLxD, deterministic=deterministic, rngs=rngs), None
+
+
+# A builder's `model` is the model's settings: d_model, activation, dtype, moe and smoe.
+def _dense(model, hidden_width: int, dropout_rate: float, layer_id: int, mesh, rngs: nnx.Rngs) -> nnx.Module:
+  del layer_id, mesh
+  return DenseFeedForward(
+    model.d_model,
+    hidden_width,
+    activation=model.activation,
+    dropout_rate=dropout_rate,
+    dtype=model.dtype,
+    rngs=rngs,
+  )
+
+
+def _moe(model, hidden_width: int, dropout_rate: float, layer_id: int, mesh, rngs: nnx.Rngs) -> nnx.Module:
+  # The experts' width is `model.moe.d_ff`, which the model set.
+  del hidden_width, dropout_rate, layer_id
+  return MoEFeedForward(model.moe, mesh=mesh, rngs=rngs)
+
+
+def _smoe(model, hidden_width: int, dropout_rate: float, layer_id: int, mesh, rngs: nnx.Rngs) -> nnx.Module:
+  # The sMoE's "experts" are masks over one replicated FFN: nothing to split over a mesh.
+  del dropout_rate, mesh
+  return SingleMixtureOfExperts(
+    model.d_model,
+    hidden_width,
+    num_masks=model.moe.num_experts,
+    keep_rate=model.smoe.keep_rate,
+    activation=model.activation,
+    # Per token: routing a sequence on its mean would leak later tokens into earlier
+    # positions of a causal decoder (see `SingleMixtureOfExperts`).
+    per_sequence=False,
+    # One mask set per layer, fixed by the layer's position: masks are data, not parameters.
+    mask_seed=layer_id,
+    selection=model.smoe.selection,
+    sample_steps=model.smoe.sample_steps,
+    mask_scaling=model.smoe.mask_scaling,
+    dtype=model.dtype,
+    rngs=rngs,
+  )
+
+
+# (model settings, hidden width, dropout rate, layer id, mesh or None, rngs) -> a module with the
+# feed-forward protocol's call. The hidden width is the dense FFN's or the sMoE's shared FFN's;
+# the dropout rate is on the dense FFN's hidden units.
+FEED_FORWARD_BUILDERS: dict[str, Callable[..., nnx.Module]] = {
+  "dense": _dense,
+  "moe": _moe,
+  "smoe": _smoe,
+}
+FEED_FORWARDS = tuple(FEED_FORWARD_BUILDERS)
+
+
+@struct.dataclass
+class BlockCache:
+  """One block's decoding cache: self-attention keys/values so far, and the projected memory (or None)."""
+
+  self_attention: KeyValueCache
+  cross_attention: KeyValueCache | None
+
+
+class ResidualBlock(nnx.Module):
+  """The pre-LN block; `__call__` returns (x [B, L, D], MoEAux of its feed-forward layer or None)."""
+
+  def __init__(
+    self,
+    *,
+    d_model: int,
+    num_heads: int,
+    make_feed_forward: Callable[[], nnx.Module],
+    cross_attention: bool = False,
+    dropout_rate: float = 0.0,
+    attention_dropout_rate: float = 0.0,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    def attention():
+      return MultiHeadAttention(
+        d_model, num_heads, dropout_rate=attention_dropout_rate, dtype=dtype, rngs=rngs
+      )
+
+    self.attention_norm = nnx.LayerNorm(d_model, rngs=rngs)
+    self.attention = attention()
+    self.has_cross_attention = cross_attention
+    if cross_attention:
+      self.cross_attention_norm = nnx.LayerNorm(d_model, rngs=rngs)
+      self.cross_attention = attention()
+    self.ffn_norm = nnx.LayerNorm(d_model, rngs=rngs)
+    # Built last: parameters are drawn in the block's order (attention, then feed-forward), as
+    # the blocks before this class drew them, so a seed gives the same model as it did then.
+    self.ffn = make_feed_forward()
+    self.dropout = nnx.Dropout(dropout_rate)
+
+  def __call__(
+    self,
+    x_BxLxD: jax.Array,
+    mask_Bx1xLxL: jax.Array,
+    token_mask_BxL: jax.Array | None = None,
+    *,
+    memory_BxSxD: jax.Array | None = None,
+    cross_mask_Bx1xLxS: jax.Array | None = None,
+    deterministic: bool,
+    rngs: nnx.Rngs | None,
+    step: jax.Array | int | None = None,
+  ) -> tuple[jax.Array, MoEAux | None]:
+    """`mask_Bx1xLxL` may broadcast ([1, 1, L, L] causal); `memory_BxSxD` is needed with cross-attention."""
+
+    def residual(x, update):
+      return x + self.dropout(update, deterministic=deterministic, rngs=rngs)
+
+    normed = self.attention_norm(x_BxLxD)
+    x_BxLxD = residual(
+      x_BxLxD, self.attention(normed, normed, mask_Bx1xLxL, deterministic=deterministic, rngs=rngs)
+    )
+    if self.has_cross_attention:
+      normed = self.cross_attention_norm(x_BxLxD)
+      attended = self.cross_attention(
+        normed, memory_BxSxD, cross_mask_Bx1xLxS, deterministic=deterministic, rngs=rngs
+      )
+      x_BxLxD = residual(x_BxLxD, attended)
+    y, aux = self.ffn(
+      self.ffn_norm(x_BxLxD), token_mask_BxL, deterministic=deterministic, rngs=rngs, step=step
+    )
+    return residual(x_BxLxD, y), aux
+
+  def init_cache(
+    self, batch_size: int, max_length: int, dtype, memory_BxSxD: jax.Array | None = None
+  ) -> BlockCache:
+    """Empty self-attention caches for `max_length` positions; the memory projected once."""
+    return BlockCache(
+      self_attention=self.attention.empty_cache(batch_size, max_length, dtype),
+      cross_attention=(
+        self.cross_attention.project_key_value(memory_BxSxD) if self.has_cross_attention else None
+      ),
+    )
+
+  def decode_step(
+    self, x_Bx1xD: jax.Array, cache: BlockCache, position, cross_mask_Bx1x1xS: jax.Array | None = None
+  ) -> tuple[jax.Array, BlockCache]:
+    """One position of cached decoding (inference: no dropout, no capacity limit)."""
+    attended, self_cache = self.attention.decode_step(
+      self.attention_norm(x_Bx1xD), cache.self_attention, position
+    )
+    x_Bx1xD = x_Bx1xD + attended
+    if self.has_cross_attention:
+      normed = self.cross_attention_norm(x_Bx1xD)
+      x_Bx1xD = x_Bx1xD + self.cross_attention.attend(
+        normed, cache.cross_attention, cross_mask_Bx1x1xS, deterministic=True, rngs=None
+      )
+    y, _ = self.ffn(self.ffn_norm(x_Bx1xD), None, deterministic=True, rngs=None, drop_tokens=False)
+    return x_Bx1xD + y, BlockCache(self_cache, cache.cross_attention)
+
+
+def build_block(
+  model,
+  layer_id: int,
+  *,
+  kind: str,
+  hidden_width: int,
+  cross_attention: bool = False,
+  ffn_dropout_rate: float = 0.0,
+  mesh=None,
+  rngs: nnx.Rngs,
+) -> ResidualBlock:
+  """A `ResidualBlock` whose feed-forward layer is `kind` (`FEED_FORWARDS`).
+
+  `model`: the model's settings, with d_model, num_heads, activation, dtype, dropout_rate,
+  moe and smoe (and optionally attention_dropout_rate). `layer_id` seeds the sMoE's masks;
+  `mesh` places the MoE experts.
+  """
+  if kind not in FEED_FORWARD_BUILDERS:
+    raise ValueError(f"feed-forward kind must be one of {FEED_FORWARDS}, got {kind!r}")
+  build = FEED_FORWARD_BUILDERS[kind]
+  return ResidualBlock(
+    d_model=model.d_model,
+    num_heads=model.num_heads,
+    make_feed_forward=lambda: build(model, hidden_width, ffn_dropout_rate, layer_id, mesh, rngs),
+    cross_attention=cross_attention,
+    dropout_rate=model.dropout_rate,
+    attention_dropout_rate=getattr(model, "attention_dropout_rate", 0.0),
+    dtype=model.dtype,
+    rngs=rngs,
+  )
