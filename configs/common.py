@@ -20,6 +20,9 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
   train.adam_b2 = 0.98
   train.weight_decay = 0.0
   train.grad_clip_norm = 1.0  # 0 = no clipping
+  # Microbatches per update: the same update (of batch_size rows) in less memory, at the
+  # cost of one more forward pass per microbatch (`tmoe_jax.training.grad_accumulation`).
+  train.grad_accum_steps = 1
   train.seed = 0
   train.log_every = 50
   train.eval_every = 500  # 0 = only at the end
@@ -71,10 +74,21 @@ def add_smoe_settings(model: ml_collections.ConfigDict, **overrides) -> None:
   model.update(overrides)
 
 
-def mesh_section(data: int = -1, expert: int = 1) -> ml_collections.ConfigDict:
-  """Device mesh: batch split over data * expert devices, experts over `expert` (-1 = the rest)."""
+def add_remat_setting(model: ml_collections.ConfigDict, remat: str = "none") -> None:
+  """Adds `model.remat` (`tmoe_jax.models.blocks.REMATS`): what the backward pass recomputes of
+  each block instead of keeping it from the forward pass. Same results, less memory, more time."""
+  # "none" keeps everything; "full" keeps only each block's input; "save_dots" keeps every
+  # matmul output; "save_dots_no_batch" only those of matmuls without batch dimensions (the
+  # dense projections and FFNs, not attention scores nor per-expert matmuls).
+  model.remat = remat
+
+
+def mesh_section(data: int = -1, expert: int = 1, fsdp: int = 1) -> ml_collections.ConfigDict:
+  """Device mesh: the batch split over data * fsdp * expert devices, every weight (and its Adam
+  moments) over `fsdp`, experts over `expert` (-1 = the rest of the devices)."""
   mesh = ml_collections.ConfigDict()
   mesh.data = data
+  mesh.fsdp = fsdp
   mesh.expert = expert
   return mesh
 

@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.max_length = 128  # characters of context = training window length
   config.model.activation = "relu"  # or "gelu", "silu"
   config.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
+  common.add_remat_setting(config.model)  # "full" / "save_dots": less memory, more compute
   # moe: top-k experts (and the sMoE's dropout masks: num_experts of them)
   common.add_moe_settings(config.model, num_experts=10, top_k=2, sequences_per_group=2)
   common.add_smoe_settings(config.model, smoe_keep_rate=0.8, smoe_mask_scaling="mask_mean")

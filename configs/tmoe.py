@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.max_length = 32
   config.model.activation = "relu"
   config.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
+  common.add_remat_setting(config.model)  # "full" / "save_dots": less memory, more compute
   config.model.moe_every = 2  # every 2nd FFN is MoE; 1 = all, 0 = dense model
   common.add_moe_settings(config.model, num_experts=4, top_k=2)
   # "moe" (top-k or expert-choice experts; "sparse" is an alias), or "smoe": one shared FFN

@@ -202,7 +202,10 @@ def main(argv: list[str]) -> int:
     "process_count": jax.process_count(),
     "device_count": jax.device_count(),
     "local_device_count": jax.local_device_count(),
-    "mesh_process_indices": [[d.process_index for d in row] for row in mesh.devices],
+    # (data, fsdp * expert): the batch-split layout, as in a mesh without an fsdp axis.
+    "mesh_process_indices": [
+      [d.process_index for d in row] for row in mesh.devices.reshape(mesh.devices.shape[0], -1)
+    ],
     "row_sums": row_sums(device_batch(mesh), mesh),
   }
   if args.task == "batch":

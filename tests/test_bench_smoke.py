@@ -38,6 +38,15 @@ TRAIN_STEP_KEYS = {
   "model_tflops_per_second",
   "peak_flops",
   "mfu",
+  "gemm_peak_flops",
+  "gemm_size",
+  "gemm_mfu",
+  "gemm_mfu_fastest",
+  "cpu_seconds",
+  "gemm_mfu_cpu_time",
+  "matmul_seconds",
+  "matmul_gemm_mfu",
+  "load_average",
 }
 MEMORY_KEYS = {
   "step",
@@ -104,14 +113,23 @@ def test_peak_flops_by_device_kind():
 
 def test_train_step_main_writes_rows(tmp_path):
   path = tmp_path / "train_step.json"
-  assert train_step.main(["--sizes", "tiny", "--repeats", "2", "--json", str(path)]) == 0
+  argv = ["--sizes", "tiny", "--repeats", "2", "--gemm-sizes", "32,64", "--json", str(path)]
+  assert train_step.main(argv) == 0
   (row,) = json.loads(path.read_text())
   assert TRAIN_STEP_KEYS <= row.keys()
+  assert row["dispatch"] == "dropless"  # the default: the block loop on CPU
   size = train_step.SIZES["tiny"]
   config = train_step.transformer_config(size)
-  assert row["flops_per_step"] == train_step.train_flops_per_step(
-    config, size.batch_size, size.seq_len, size.seq_len
-  )
+  flops = train_step.train_flops_per_step(config, size.batch_size, size.seq_len, size.seq_len)
+  assert row["flops_per_step"] == flops
+  # The matmul shapes timed alone are the FLOPs counted (tiny: T K / E = 16 * 2 / 4 rows per expert).
+  matmuls = train_step.step_matmuls(config, size.batch_size, size.seq_len, size.seq_len)
+  assert sum(use.flops for use in matmuls) == flops
+  assert row["gemm_size"] in (32, 64) and row["gemm_peak_flops"] > 0
+  assert row["gemm_mfu"] == pytest.approx(flops / row["seconds"] / row["gemm_peak_flops"])
+  assert row["gemm_mfu_fastest"] >= row["gemm_mfu"] > 0 and row["gemm_mfu_cpu_time"] > 0
+  assert row["matmul_seconds"] > 0
+  assert row["matmul_gemm_mfu"] == pytest.approx(flops / row["matmul_seconds"] / row["gemm_peak_flops"])
   assert row["tokens_per_step"] == 2 * size.batch_size * size.seq_len
   assert row["repeats"] == 2 and 0 < row["min_seconds"] <= row["seconds"]
   assert row["tokens_per_second"] == pytest.approx(row["tokens_per_step"] / row["seconds"])
@@ -121,6 +139,7 @@ def test_train_step_main_writes_rows(tmp_path):
 def test_memory_main_writes_rows(tmp_path):
   path = tmp_path / "memory.json"
   argv = ["--num-experts", "2,4", "--tokens", "16", "--dispatch", "dense_ffn,capacity", "--size", "tiny"]
+  argv += ["--remat", "none,full", "--remat-size", "tiny"]
   assert memory.main(argv + ["--json", str(path)]) == 0
   rows = json.loads(path.read_text())
   assert [(r["step"], r["variant"], r["num_experts"]) for r in rows] == [
@@ -129,6 +148,8 @@ def test_memory_main_writes_rows(tmp_path):
     ("moe_layer", "capacity", 4),
     ("train_step", "tiny", 2),
     ("train_step", "tiny", 4),
+    ("train_step_remat", "none", 4),
+    ("train_step_remat", "full", 4),
   ]
   for row in rows:
     assert MEMORY_KEYS <= row.keys()
@@ -141,6 +162,19 @@ def test_memory_main_writes_rows(tmp_path):
   # Parameters and both Adam moments are arguments: at least 3 float32 copies of the parameters.
   assert layer_4["argument_bytes"] >= 3 * 4 * layer_4["params"]
   assert layer_4["peak_bytes"] > layer_2["peak_bytes"]
+  # Full remat keeps less for the backward pass (the compiled temp bytes fall only off CPU).
+  assert rows[-1]["residual_bytes"] < rows[-2]["residual_bytes"]
+
+
+def test_memory_update_replaces_the_rows_run_again(tmp_path):
+  path = tmp_path / "memory.json"
+  argv = ["--dispatch", "", "--size", "", "--remat-size", "tiny", "--json", str(path)]
+  assert memory.main(argv + ["--remat", "none,full"]) == 0
+  old = json.loads(path.read_text())
+  assert memory.main(argv + ["--remat", "full,save_dots", "--update"]) == 0
+  rows = json.loads(path.read_text())
+  assert [r["variant"] for r in rows] == ["none", "full", "save_dots"]
+  assert rows[0] == old[0]
 
 
 def test_plot_time_per_token(tmp_path):

@@ -20,8 +20,8 @@ def test_eight_virtual_devices_are_available():
 
 def test_default_mesh_is_pure_data_parallel():
   mesh = make_mesh()
-  assert mesh.axis_names == ("data", "expert")
-  assert dict(mesh.shape) == {"data": 8, "expert": 1}
+  assert mesh.axis_names == ("data", "fsdp", "expert")
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "expert": 1}
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
 
 
@@ -37,14 +37,14 @@ def test_minus_one_takes_the_remaining_devices(data, expert, shape):
 def test_mesh_over_a_subset_of_devices():
   devices = jax.devices()[:4]
   mesh = make_mesh(2, -1, devices=devices)
-  assert dict(mesh.shape) == {"data": 2, "expert": 2}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2}
   assert {d.id for d in mesh.devices.flat} == {d.id for d in devices}
 
 
 @pytest.mark.parametrize("data, expert", [(1, 1), (2, 2), (1, 4)])
 def test_explicit_sizes_below_the_device_count_use_the_first_devices(data, expert):
   mesh = make_mesh(data, expert)
-  assert dict(mesh.shape) == {"data": data, "expert": expert}
+  assert dict(mesh.shape) == {"data": data, "fsdp": 1, "expert": expert}
   assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()[: data * expert]]
 
 
@@ -54,7 +54,7 @@ def test_explicit_sizes_below_the_device_count_use_the_first_devices(data, exper
     (3, -1, "mesh.data", "must divide the number of devices (8), got 3"),
     (-1, 3, "mesh.expert", "must divide the number of devices (8), got 3"),
     (-1, 5, "mesh.expert", "must divide"),
-    (4, 4, "mesh.data", "4 * 4 = 16 must equal the number of devices (8)"),
+    (4, 4, "mesh.data", "4 * 1 * 4 = 16 must equal the number of devices (8)"),
     (-1, -1, "mesh.data", "at most one"),
     (0, 8, "mesh.data", "must be >= 1"),
     (8, -2, "mesh.expert", "must be >= 1"),
@@ -70,7 +70,8 @@ def test_bad_mesh_sizes_name_the_field(data, expert, field, message):
 
 
 def test_resolve_mesh_shape_is_pure_arithmetic():
-  assert resolve_mesh_shape(-1, 16, 64) == (4, 16)
+  assert resolve_mesh_shape(-1, 16, 64) == (4, 1, 16)
+  assert resolve_mesh_shape(2, 2, 16, fsdp=-1) == (2, 4, 2)
   with pytest.raises(ConfigError, match=r"^mesh\.expert:"):
     resolve_mesh_shape(1, 3, 64)
 

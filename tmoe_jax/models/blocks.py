@@ -15,6 +15,14 @@ Every feed-forward layer has one call, the feed-forward protocol:
 expert-choice `moe.layer.MoEFeedForward`) and "smoe" (`moe.smoe.SingleMixtureOfExperts`).
 `step` is the train step (the sMoE's sampling schedule reads it); `drop_tokens=False`
 lifts expert capacity (one-token decoding).
+
+Rematerialisation (`model.remat`, `REMATS`) is applied here, once, around each block's
+`__call__`: "none" keeps every intermediate of the forward pass for the backward pass;
+"full" keeps only the block's inputs and recomputes the rest in the backward pass;
+"save_dots" keeps the outputs of every matmul (projections, attention scores, expert
+matmuls) and recomputes the cheap elementwise work between them; "save_dots_no_batch" keeps
+only the matmuls without batch dimensions (the dense projections and FFNs, not attention
+scores nor the per-expert matmuls). The results are the same; only memory and time differ.
 """
 
 from __future__ import annotations
@@ -26,10 +34,13 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from tmoe_jax.attention import KeyValueCache, MultiHeadAttention
+from tmoe_jax.embeddings import POSITION_EMBEDDINGS
 from tmoe_jax.feedforward import FeedForward
 from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.moe.settings import ACTIVATIONS
 from tmoe_jax.moe.smoe import SingleMixtureOfExperts
 from tmoe_jax.moe.statistics import MoEAux
+from tmoe_jax.validation import require
 
 
 class DenseFeedForward(FeedForward):
@@ -101,6 +112,15 @@ FEED_FORWARD_BUILDERS: dict[str, Callable[..., nnx.Module]] = {
 FEED_FORWARDS = tuple(FEED_FORWARD_BUILDERS)
 
 
+# `model.remat` -> what a rematerialised block keeps for the backward pass (`jax.checkpoint_policies`).
+REMAT_POLICIES: dict[str, Callable[..., bool]] = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "save_dots": jax.checkpoint_policies.checkpoint_dots,
+  "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMATS = ("none", *REMAT_POLICIES)
+
+
 @struct.dataclass
 class BlockCache:
   """One block's decoding cache: self-attention keys/values so far, and the projected memory (or None)."""
@@ -110,7 +130,10 @@ class BlockCache:
 
 
 class ResidualBlock(nnx.Module):
-  """The pre-LN block; `__call__` returns (x [B, L, D], MoEAux of its feed-forward layer or None)."""
+  """The pre-LN block; `__call__` returns (x [B, L, D], MoEAux of its feed-forward layer or None).
+
+  `remat` (`REMATS`): what the backward pass recomputes of the block instead of keeping it.
+  """
 
   def __init__(
     self,
@@ -122,24 +145,31 @@ class ResidualBlock(nnx.Module):
     dropout_rate: float = 0.0,
     attention_dropout_rate: float = 0.0,
     dtype=jnp.float32,
+    remat: str = "none",
     rngs: nnx.Rngs,
   ):
+    if remat not in REMATS:
+      raise ValueError(f"remat must be one of {REMATS}, got {remat!r}")
+
     def attention():
       return MultiHeadAttention(
         d_model, num_heads, dropout_rate=attention_dropout_rate, dtype=dtype, rngs=rngs
       )
 
-    self.attention_norm = nnx.LayerNorm(d_model, rngs=rngs)
+    # Norms output the compute dtype (flax takes their statistics in float32 whatever it is);
+    # left unset they would promote to the float32 of their parameters.
+    self.attention_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
     self.attention = attention()
     self.has_cross_attention = cross_attention
     if cross_attention:
-      self.cross_attention_norm = nnx.LayerNorm(d_model, rngs=rngs)
+      self.cross_attention_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
       self.cross_attention = attention()
-    self.ffn_norm = nnx.LayerNorm(d_model, rngs=rngs)
+    self.ffn_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
     # Built last: parameters are drawn in the block's order (attention, then feed-forward), as
     # the blocks before this class drew them, so a seed gives the same model as it did then.
     self.ffn = make_feed_forward()
     self.dropout = nnx.Dropout(dropout_rate)
+    self.remat = remat
 
   def __call__(
     self,
@@ -154,6 +184,27 @@ class ResidualBlock(nnx.Module):
     step: jax.Array | int | None = None,
   ) -> tuple[jax.Array, MoEAux | None]:
     """`mask_Bx1xLxL` may broadcast ([1, 1, L, L] causal); `memory_BxSxD` is needed with cross-attention."""
+    inputs = (x_BxLxD, mask_Bx1xLxL, token_mask_BxL, memory_BxSxD, cross_mask_Bx1xLxS, rngs, step)
+    if self.remat == "none":
+      return self._forward(*inputs, deterministic)
+    # nnx.remat carries the block's state (and `rngs`' counters, the expert bias) in and out of
+    # the checkpointed function; `deterministic` (argument 8, counting the block) steers Python
+    # control flow, so it stays static.
+    forward = nnx.remat(ResidualBlock._forward, policy=REMAT_POLICIES[self.remat], static_argnums=(8,))
+    return forward(self, *inputs, deterministic)
+
+  def _forward(
+    self,
+    x_BxLxD: jax.Array,
+    mask_Bx1xLxL: jax.Array,
+    token_mask_BxL: jax.Array | None,
+    memory_BxSxD: jax.Array | None,
+    cross_mask_Bx1xLxS: jax.Array | None,
+    rngs: nnx.Rngs | None,
+    step: jax.Array | int | None,
+    deterministic: bool,
+  ) -> tuple[jax.Array, MoEAux | None]:
+    """`__call__`'s computation, with positional arguments (as `nnx.remat` takes them)."""
 
     def residual(x, update):
       return x + self.dropout(update, deterministic=deterministic, rngs=rngs)
@@ -215,7 +266,7 @@ def build_block(
   """A `ResidualBlock` whose feed-forward layer is `kind` (`FEED_FORWARDS`).
 
   `model`: the model's settings, with d_model, num_heads, activation, dtype, dropout_rate,
-  moe and smoe (and optionally attention_dropout_rate). `layer_id` seeds the sMoE's masks;
+  remat, moe and smoe (and optionally attention_dropout_rate). `layer_id` seeds the sMoE's masks;
   `mesh` places the MoE experts.
   """
   if kind not in FEED_FORWARD_BUILDERS:
@@ -229,5 +280,23 @@ def build_block(
     dropout_rate=model.dropout_rate,
     attention_dropout_rate=getattr(model, "attention_dropout_rate", 0.0),
     dtype=model.dtype,
+    remat=model.remat,
     rngs=rngs,
   )
+
+
+def check_stack_settings(model) -> None:
+  """The checks every model built of these blocks shares (ConfigError naming the `model.*` field):
+  heads that divide d_model, a known position embedding, activation and remat policy."""
+  require(
+    model.d_model % model.num_heads == 0,
+    "model.num_heads",
+    f"must divide d_model={model.d_model}, got {model.num_heads}",
+  )
+  require(
+    model.position_embedding in POSITION_EMBEDDINGS,
+    "model.position_embedding",
+    f"must be one of {POSITION_EMBEDDINGS}, got {model.position_embedding!r}",
+  )
+  require(model.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
+  require(model.remat in REMATS, "model.remat", f"must be one of {REMATS}, got {model.remat!r}")

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tmoe_jax.attention import causal_mask
-from tmoe_jax.embeddings import POSITION_EMBEDDINGS, PositionEmbedding
-from tmoe_jax.models.blocks import FEED_FORWARDS, build_block
+from tmoe_jax.embeddings import PositionEmbedding
+from tmoe_jax.models.blocks import FEED_FORWARDS, build_block, check_stack_settings
 from tmoe_jax.moe.routers import CAUSAL_ROUTERS
-from tmoe_jax.moe.settings import ACTIVATIONS, HoldsMoESettings, MoEConfig, SMoEConfig
+from tmoe_jax.moe.settings import HoldsMoESettings, MoEConfig, SMoEConfig
 from tmoe_jax.moe.statistics import MoEAux
 from tmoe_jax.validation import require
 
@@ -70,7 +70,8 @@ class LanguageModelConfig(HoldsMoESettings):
 
   `moe` holds the top-k MoE settings (every feature of `MoEConfig`; None = the
   defaults); its shape is set from this model's, `d_ff / top_k` units per expert.
-  Its `num_experts` is also the sMoE's number of masks.
+  Its `num_experts` is also the sMoE's number of masks. `remat` (`blocks.REMATS`) is what
+  the backward pass recomputes of each block instead of keeping it ("none": nothing).
   """
 
   vocab_size: int
@@ -84,6 +85,7 @@ class LanguageModelConfig(HoldsMoESettings):
   activation: str = "relu"
   ffn: str = "smoe"
   dtype: Any = jnp.float32
+  remat: str = "none"
   moe: MoEConfig | None = None
   smoe: SMoEConfig | None = None
 
@@ -101,19 +103,9 @@ class LanguageModelConfig(HoldsMoESettings):
     for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_length"):
       require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
     require(
-      self.d_model % self.num_heads == 0,
-      "model.num_heads",
-      f"must divide d_model={self.d_model}, got {self.num_heads}",
-    )
-    require(
       0.0 <= self.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {self.dropout_rate}"
     )
-    require(
-      self.position_embedding in POSITION_EMBEDDINGS,
-      "model.position_embedding",
-      f"must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}",
-    )
-    require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
+    check_stack_settings(self)
     require(
       self.d_ff % top_k == 0,
       "model.d_ff",
@@ -169,7 +161,7 @@ class LanguageModel(nnx.Module):
         for i in range(config.num_layers)
       ]
     )
-    self.final_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
+    self.final_norm = nnx.LayerNorm(config.d_model, dtype=config.dtype, rngs=rngs)
 
   def __call__(
     self,

@@ -141,6 +141,8 @@ class MixtureOfMlps(nnx.Module):
       expert_fraction_E=jnp.mean(gates_NxE, axis=0),
       dropped_fraction=jnp.zeros((), jnp.float32),
       router_entropy=losses.router_entropy(gates_NxE),
+      router_probability_E=jnp.zeros_like(gates_NxE[0]),
+      num_tokens=jnp.asarray(gates_NxE.shape[0], jnp.float32),
     )
     return y_NxO[:, 0], (aux,)
 

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from tmoe_jax.attention import causal_mask, padding_mask
-from tmoe_jax.embeddings import PAD_ID, POSITION_EMBEDDINGS, PositionEmbedding
-from tmoe_jax.models.blocks import BlockCache, build_block
+from tmoe_jax.embeddings import PAD_ID, PositionEmbedding
+from tmoe_jax.models.blocks import BlockCache, build_block, check_stack_settings
 from tmoe_jax.moe.routers import CAUSAL_ROUTERS
-from tmoe_jax.moe.settings import ACTIVATIONS, MOE_SHAPE_FIELDS, HoldsMoESettings, MoEConfig, SMoEConfig
+from tmoe_jax.moe.settings import MOE_SHAPE_FIELDS, HoldsMoESettings, MoEConfig, SMoEConfig
 from tmoe_jax.moe.statistics import MoEAux
 from tmoe_jax.validation import require
 
@@ -54,7 +54,8 @@ class TransformerConfig(HoldsMoESettings):
   `moe` holds the MoE layers' settings and `smoe` the sMoE's (None = the
   defaults); the MoE shape fields (`LayerShape`) are set from this model's.
   Every `moe_every`-th feed-forward block is MoE, of the kind `moe_layer` names;
-  an sMoE's shared FFN has d_ff units.
+  an sMoE's shared FFN has d_ff units. `remat` (`blocks.REMATS`) is what the backward
+  pass recomputes of each block instead of keeping it ("none": nothing).
   """
 
   vocab_size: int
@@ -72,6 +73,7 @@ class TransformerConfig(HoldsMoESettings):
   moe_every: int = 2
   moe_layer: str = "moe"
   dtype: Any = jnp.float32
+  remat: str = "none"
   moe: MoEConfig | None = None
   smoe: SMoEConfig | None = None
 
@@ -89,20 +91,10 @@ class TransformerConfig(HoldsMoESettings):
       require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
     for name in ("num_layers", "num_decoder_layers", "moe_every"):
       require(getattr(self, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(self, name)}")
-    require(
-      self.d_model % self.num_heads == 0,
-      "model.num_heads",
-      f"must divide d_model={self.d_model}, got {self.num_heads}",
-    )
     for name in ("dropout_rate", "attention_dropout_rate"):
       rate = getattr(self, name)
       require(0.0 <= rate < 1.0, f"model.{name}", f"must be in [0, 1), got {rate}")
-    require(
-      self.position_embedding in POSITION_EMBEDDINGS,
-      "model.position_embedding",
-      f"must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}",
-    )
-    require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
+    check_stack_settings(self)
     if self.moe_every and self.moe_layer == "moe":
       decoder_has_moe = any(self.is_moe_layer(i) for i in range(self.num_decoder_layers))
       require(
@@ -168,11 +160,11 @@ class Transformer(nnx.Module):
     self.encoder_layers = nnx.List(
       [build_layer(config, i, decoder=False, mesh=mesh, rngs=rngs) for i in range(config.num_layers)]
     )
-    self.encoder_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
+    self.encoder_norm = nnx.LayerNorm(config.d_model, dtype=config.dtype, rngs=rngs)
     self.decoder_layers = nnx.List(
       [build_layer(config, i, decoder=True, mesh=mesh, rngs=rngs) for i in range(config.num_decoder_layers)]
     )
-    self.decoder_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
+    self.decoder_norm = nnx.LayerNorm(config.d_model, dtype=config.dtype, rngs=rngs)
     if not config.share_embeddings:
       self.output_projection = nnx.Linear(config.d_model, config.vocab_size, dtype=config.dtype, rngs=rngs)
 

@@ -18,7 +18,8 @@ hidden(x W_1 + b_1, ...) W_out + b_out with one or two input projections, which
 is how both methods run them with the same code. Both methods also run inside
 `shard_map` (the expert-parallel layer calls them per device).
 
-Methods, and which "auto" picks (`jax.default_backend()`):
+Methods, and which "auto" picks (`parallel.platform.target_backend()`: the local backend,
+or the one a lowering targets):
 
 - "ragged_dot" (GPU, TPU): `ragged_dot_experts`, `jax.lax.ragged_dot` for every
   matmul, the grouped matmul XLA lowers to a grouped kernel there.
@@ -42,6 +43,7 @@ from tmoe_jax.moe.block_loop import block_loop_grouped, block_loop_moe
 from tmoe_jax.moe.expert_sort import SortedAssignments, combine_sorted_outputs, sort_by_expert
 from tmoe_jax.moe.experts import EXPERT_PARAMS_BY_TYPE
 from tmoe_jax.moe.ragged_dot_experts import ragged_dot_experts
+from tmoe_jax.parallel.platform import target_backend
 
 __all__ = [
   "METHODS",
@@ -68,7 +70,7 @@ def resolve_method(method: str) -> str:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if method != "auto":
     return method
-  return "block_loop" if jax.default_backend() == "cpu" else "ragged_dot"
+  return "block_loop" if target_backend() == "cpu" else "ragged_dot"
 
 
 def _activation_fn(activation: str | Activation) -> Activation:

@@ -179,6 +179,8 @@ class MoEFeedForward(nnx.Module):
       # Here "dropped" means a real token that no expert picked.
       dropped_fraction=jnp.sum(real_T & ~picked_T) / jnp.maximum(jnp.sum(real_T), 1),
       router_entropy=losses.router_entropy(route.router_probs_TxE, token_mask_T),
+      router_probability_E=jnp.zeros((self.config.num_experts,), jnp.float32),
+      num_tokens=jnp.sum(real_T).astype(jnp.float32),
     )
     return y_TxD.reshape(batch, length, d_model), aux
 

@@ -1,13 +1,18 @@
-"""Which parameters split over the 'expert' mesh axis: the stacked expert weights, by name.
+"""How each parameter splits over the mesh: experts over 'expert', everything over 'fsdp'.
 
-Shapes: E experts, D model width, F hidden width, X the 'expert' mesh axis size.
+Shapes: E experts, D model width, F hidden width, X the 'expert' mesh axis size,
+Z the 'fsdp' axis size.
 
-The rule is one table, `EXPERT_PARAM_NAMES` (from `experts.EXPERT_REGISTRY`): a
-leaf whose parameter name (the last dict key of its pytree path, e.g.
-`w_in_ExDxF`) is in the table is a stacked expert weight with E leading, and is
-split on 'expert' along that axis; every other leaf is replicated. The same rule
-applied to the optimizer state shards Adam's moments exactly like the
-parameters they mirror, since optax keeps them in the parameter tree's structure
+Expert weights are found by one table, `EXPERT_PARAM_NAMES` (from
+`experts.EXPERT_REGISTRY`): a leaf whose parameter name (the last dict key of its
+pytree path, e.g. `w_in_ExDxF`) is in the table is a stacked expert weight with E
+leading, split on 'expert' along that axis. Then every leaf, expert or not, is split
+over 'fsdp' (ZeRO-3) along its largest remaining axis that Z divides; a leaf with no
+such axis (a scalar, a small bias) stays replicated over 'fsdp'. jit gathers each
+weight where a layer uses it and reduce-scatters its gradient, so a device holds only
+1 / Z of the weights, gradients and Adam moments. The same rule applied to the
+optimizer state shards Adam's moments exactly like the parameters they mirror,
+since optax keeps them in the parameter tree's structure
 (`mu/.../experts/w_in_ExDxF/value`).
 """
 
@@ -17,11 +22,11 @@ from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tmoe_jax.errors import ConfigError
 from tmoe_jax.moe.experts import EXPERT_PARAMS_BY_TYPE
-from tmoe_jax.parallel.mesh import expert_axis_size
-from tmoe_jax.parallel.sharding import expert_sharding, replicated
+from tmoe_jax.parallel.mesh import EXPERT_AXIS, FSDP_AXIS, expert_axis_size, fsdp_axis_size
 
 EXPERT_PARAM_NAMES: frozenset[str] = frozenset(
   name for names in EXPERT_PARAMS_BY_TYPE.values() for name in names
@@ -41,16 +46,24 @@ def is_expert_leaf(path: tuple) -> bool:
 
 
 def _leaf_sharding(path: tuple, leaf: Any, mesh: Mesh) -> NamedSharding:
-  if not is_expert_leaf(path):
-    return replicated(mesh)
-  size = expert_axis_size(mesh)
-  shape = getattr(leaf, "shape", ())
-  if not shape or shape[0] % size:
-    raise ConfigError(
-      f"model.num_experts: expert weight {jax.tree_util.keystr(path)} of shape {tuple(shape)} "
-      f"cannot be split over mesh.expert={size}"
-    )
-  return expert_sharding(mesh)
+  shape = tuple(getattr(leaf, "shape", ()))
+  spec: list[str | None] = [None] * len(shape)
+  if is_expert_leaf(path):
+    size = expert_axis_size(mesh)
+    if not shape or shape[0] % size:
+      raise ConfigError(
+        f"model.num_experts: expert weight {jax.tree_util.keystr(path)} of shape {shape} "
+        f"cannot be split over mesh.expert={size}"
+      )
+    spec[0] = EXPERT_AXIS
+  fsdp = fsdp_axis_size(mesh)
+  if fsdp > 1:
+    free = [axis for axis in range(len(shape)) if spec[axis] is None and shape[axis] % fsdp == 0]
+    if free:
+      spec[max(free, key=lambda axis: shape[axis])] = FSDP_AXIS
+  while spec and spec[-1] is None:  # P("expert"), not P("expert", None, None): the same layout
+    spec.pop()
+  return NamedSharding(mesh, P(*spec))
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:

@@ -28,6 +28,11 @@ class MoEAux:
   expert_fraction_E: share of routing assignments per expert (before dropping).
   dropped_fraction: share of assignments that found their expert full.
   router_entropy: mean entropy of the router softmax, in nats.
+  router_probability_E: mean full-softmax probability per expert, P_e of the balancing loss
+    `E * sum_e f_e P_e` (zeros for a layer without a balancing loss), and
+  num_tokens: how many real tokens were routed: with `expert_fraction_E` they let gradient
+    accumulation rebuild the losses of a whole batch from its microbatches
+    (`training.grad_accumulation`).
   """
 
   load_balancing_loss: jax.Array
@@ -35,6 +40,8 @@ class MoEAux:
   expert_fraction_E: jax.Array
   dropped_fraction: jax.Array
   router_entropy: jax.Array
+  router_probability_E: jax.Array
+  num_tokens: jax.Array
 
 
 @struct.dataclass
@@ -101,6 +108,8 @@ def finalize(sums: RoutingSums, top_k: int) -> MoEAux:
     expert_fraction_E=fraction_E,
     dropped_fraction=sums.dropped / assignments,
     router_entropy=sums.entropy / tokens,
+    router_probability_E=probability_E,
+    num_tokens=sums.tokens,
   )
 
 

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
+from tmoe_jax.parallel.platform import target_backend
+
 EXCHANGES = ("auto", "ragged", "padded")
 
 # The grouped expert computation: (rows [R, D] grouped by local expert, group sizes
@@ -53,7 +55,7 @@ def resolve_exchange(exchange: str) -> str:
     raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
   if exchange != "auto":
     return exchange
-  return "padded" if jax.default_backend() == "cpu" else "ragged"
+  return "padded" if target_backend() == "cpu" else "ragged"
 
 
 def max_slice_rows(tokens_per_shard: int, top_k: int, experts_per_shard: int) -> int:

@@ -1,4 +1,4 @@
-"""The NamedShardings of the ('data', 'expert') mesh: replicated, split on 'expert', split over the batch.
+"""The NamedShardings of the ('data', 'fsdp', 'expert') mesh: replicated, and split over the batch.
 
 Which parameters take which is `moe.parameter_sharding`; a whole TrainState's,
 `training.state.train_state_shardings`.
@@ -12,16 +12,11 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tmoe_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS
+from tmoe_jax.parallel.mesh import BATCH_AXES
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def expert_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading E axis split over 'expert' (replicated over 'data'); trailing axes whole."""
-  return NamedSharding(mesh, P(EXPERT_AXIS))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -30,5 +25,5 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def batch_shardings(batch: Any, mesh: Mesh) -> Any:
-  """Every array of `batch` split over ('data', 'expert') on its leading axis (scalars replicated)."""
+  """Every array of `batch` split over every mesh axis on its leading axis (scalars replicated)."""
   return jax.tree.map(lambda leaf: batch_sharding(mesh) if leaf.ndim else replicated(mesh), batch)

@@ -48,7 +48,7 @@ def language_model_loss(model, batch, rngs: nnx.Rngs | None, step, *, determinis
   logits_BxLxV, auxes = model(batch["inputs"], deterministic=deterministic, rngs=rngs, step=step)
   loss_sum, num_tokens = token_cross_entropy(logits_BxLxV, batch["targets"])
   loss = loss_sum / jnp.maximum(num_tokens, 1.0)
-  return loss, {"bits_per_char": bits_per_char(loss)}, auxes
+  return loss, {"bits_per_char": bits_per_char(loss), "num_tokens": num_tokens}, auxes
 
 
 def eval_sums(params, model_state, batch, *, graphdef) -> dict[str, jax.Array]:

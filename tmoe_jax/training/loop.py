@@ -30,7 +30,7 @@ from flax import nnx
 from tmoe_jax.errors import ConfigError, TmoeError
 from tmoe_jax.parallel import distributed, sharding
 from tmoe_jax.parallel.mesh import check_batch_divisible, expert_axis_size, make_mesh
-from tmoe_jax.training import checkpointing, reporting, steps
+from tmoe_jax.training import checkpointing, grad_accumulation, reporting, steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.preemption import PreemptionGuard
 from tmoe_jax.training.run_fields import TRAIN_LOOP_FIELDS
@@ -74,7 +74,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
   workdir = pathlib.Path(workdir)
   is_main = distributed.is_main_process()
   train_config = config.train
-  mesh = make_mesh(config.mesh.data, config.mesh.expert)
+  mesh = make_mesh(config.mesh.data, config.mesh.expert, fsdp=config.mesh.get("fsdp", 1))
   if expert_axis_size(mesh) > 1 and not task.expert_parallel:
     name = config.get("task", type(task).__name__)
     raise ConfigError(
@@ -83,6 +83,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
       f"mesh.expert={expert_axis_size(mesh)}"
     )
   check_batch_divisible(train_config.batch_size, mesh)
+  microbatches, group_rows = grad_accumulation.microbatch_plan(config, mesh)
   rows = distributed.process_batch_rows(train_config.batch_size)
   prepare_workdir(workdir, config, write=False)  # only checks: a bad model config must not write
   if (workdir / CONFIG_FILE).exists():
@@ -117,7 +118,15 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
 
     loss_weights = steps.LossWeights.from_config(config.model)
     train_step = steps.jit_train_step(
-      graphdef, optimizer, schedule, loss_weights, task.loss, state_shardings=state_shardings, mesh=mesh
+      graphdef,
+      optimizer,
+      schedule,
+      loss_weights,
+      task.loss,
+      state_shardings=state_shardings,
+      mesh=mesh,
+      microbatches=microbatches,
+      group_rows=group_rows,
     )
     eval_graphdef, eval_state = evaluation_view(task, graphdef, mesh)
     evaluator = task.make_evaluator(eval_graphdef)

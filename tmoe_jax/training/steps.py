@@ -21,6 +21,7 @@ from flax import nnx
 
 from tmoe_jax.moe.statistics import MoEAux
 from tmoe_jax.parallel import sharding
+from tmoe_jax.training import grad_accumulation
 from tmoe_jax.training.state import TrainState
 
 # (model, batch, rngs, step) -> (task loss scalar, float metrics, MoEAux per MoE layer)
@@ -70,18 +71,8 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
-def train_step(
-  state: TrainState,
-  batch: dict[str, jax.Array],
-  *,
-  graphdef: nnx.GraphDef,
-  optimizer: optax.GradientTransformation,
-  schedule: optax.Schedule,
-  loss_weights: LossWeights,
-  loss_fn: LossFn,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update; returns the new state and float metrics of this batch."""
-  rng, dropout_key = jax.random.split(state.rng)
+def batch_gradients(state: TrainState, batch, dropout_key, *, graphdef, loss_fn: LossFn, loss_weights):
+  """(gradients, metrics, new model state) of the objective (task loss + weighted MoE losses) on one batch."""
 
   def objective(params):
     # copy=True: fresh Variables at this trace level, so the forward pass may update
@@ -102,6 +93,44 @@ def train_step(
     return task_loss + aux_loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
   grads, (metrics, model_state) = jax.grad(objective, has_aux=True)(state.params)
+  return grads, metrics, model_state
+
+
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  loss_weights: LossWeights,
+  loss_fn: LossFn,
+  microbatches: int = 1,
+  group_rows: int = 1,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update; returns the new state and float metrics of this batch.
+
+  microbatches > 1: the gradient is accumulated over that many microbatches of whole
+  routing groups of `group_rows` rows (`grad_accumulation`), the same update in less memory.
+  """
+  rng, dropout_key = jax.random.split(state.rng)
+  if microbatches > 1:
+    grads, metrics, model_state = grad_accumulation.accumulated_gradients(
+      state.params,
+      state.model_state,
+      batch,
+      dropout_key,
+      state.step,
+      graphdef=graphdef,
+      loss_fn=loss_fn,
+      loss_weights=loss_weights,
+      num_microbatches=microbatches,
+      group_rows=group_rows,
+    )
+  else:
+    grads, metrics, model_state = batch_gradients(
+      state, batch, dropout_key, graphdef=graphdef, loss_fn=loss_fn, loss_weights=loss_weights
+    )
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
@@ -116,7 +145,16 @@ def train_step(
 
 
 def jit_train_step(
-  graphdef, optimizer, schedule, loss_weights, loss_fn: LossFn, *, state_shardings=None, mesh=None
+  graphdef,
+  optimizer,
+  schedule,
+  loss_weights,
+  loss_fn: LossFn,
+  *,
+  state_shardings=None,
+  mesh=None,
+  microbatches: int = 1,
+  group_rows: int = 1,
 ):
   """`state_shardings` (`training.state.train_state_shardings`) and `mesh` pin the layout:
   the state keeps its shardings step after step and the batch is split over every device."""
@@ -127,6 +165,8 @@ def jit_train_step(
     schedule=schedule,
     loss_weights=loss_weights,
     loss_fn=loss_fn,
+    microbatches=microbatches,
+    group_rows=group_rows,
   )
   # The state is donated: its buffers are reused for the new state, halving peak memory.
   if state_shardings is None:

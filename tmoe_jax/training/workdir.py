@@ -14,12 +14,16 @@ CHECKPOINT_DIR = "checkpoints"
 # Sections that fix the shapes of the parameters or the meaning of the data:
 # a workdir written with other values cannot be resumed.
 RESUME_INCOMPATIBLE_SECTIONS = ("task", "model", "data")
+# Keys of those sections that change how a step is computed, not what it computes: a run may
+# resume with another value (rematerialisation recomputes the same activations).
+CHANGEABLE_ON_RESUME = ("model.remat",)
 # Keys a task's config gained after runs were written with it, each with the value that
 # reproduces how those older runs behaved. A saved config.json without the key reads as
 # if it had this value, so an old run resumes and loads unchanged.
 KEYS_ADDED_LATER: dict[str, dict[str, Any]] = {
-  # Before routing groups, capacity was decided over the whole batch: one group.
-  "seq2seq": {"model.sequences_per_group": 0},
+  # Before routing groups, capacity was decided over the whole batch: one group. Before
+  # `model.remat`, every block kept its intermediates for the backward pass (same results).
+  "seq2seq": {"model.sequences_per_group": 0, "model.remat": "none"},
   # Before the language model held a full MoEConfig, its top-k layers used these defaults.
   "language_model": {
     "model.sequences_per_group": 0,
@@ -31,6 +35,7 @@ KEYS_ADDED_LATER: dict[str, dict[str, Any]] = {
     "model.expert_bias_rate": 0.0,
     "model.num_shared_experts": 0,
     "model.expert_type": "mlp",
+    "model.remat": "none",
   },
 }
 # The Transformer's sMoE settings before they were one `SMoEConfig` (only the keep rate was a key).
@@ -134,8 +139,8 @@ def prepare_workdir(workdir: pathlib.Path, config, *, write: bool = True) -> Non
     for section in RESUME_INCOMPATIBLE_SECTIONS:
       old, new = _section(saved, section), _section(current, section)
       for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-          name = f"{section}.{key}" if key else section
+        name = f"{section}.{key}" if key else section
+        if old.get(key) != new.get(key) and name not in CHANGEABLE_ON_RESUME:
           differences.append(f"{name}: saved {old.get(key)!r}, now {new.get(key)!r}")
     if differences:
       raise WorkdirError(
