@@ -99,6 +99,11 @@ def make_mesh(
   return Mesh(device_grid, MESH_AXES)
 
 
+def mesh_from_config(mesh_config) -> Mesh:
+  """`make_mesh` of a run's `mesh` section; runs saved before `mesh.fsdp` existed have fsdp 1."""
+  return make_mesh(mesh_config.data, mesh_config.expert, fsdp=mesh_config.get("fsdp", 1))
+
+
 def expert_axis_size(mesh: Mesh) -> int:
   return mesh.shape[EXPERT_AXIS]
 

@@ -50,7 +50,7 @@ from jax.sharding import Mesh
 
 from tmoe_jax.models.transformer import TransformerConfig
 from tmoe_jax.parallel import sharding
-from tmoe_jax.parallel.mesh import check_batch_divisible, make_mesh
+from tmoe_jax.parallel.mesh import check_batch_divisible, mesh_from_config
 from tmoe_jax.parallel.platform import lowering_for
 from tmoe_jax.tasks import seq2seq
 from tmoe_jax.training import steps
@@ -137,13 +137,11 @@ def sharded_train_step(
   """The seq2seq train step of the experiment `config` (configs/tmoe.py's sections), built as
   `training.loop` builds it for `python -m train`, without allocating anything.
 
-  `mesh` defaults to `make_mesh(config.mesh.data, config.mesh.expert)` over the local
+  `mesh` defaults to `mesh_from_config(config.mesh)` over the local
   devices; lengths default to `config.model.max_length`; the batch has
   `config.train.batch_size` rows.
   """
-  mesh = (
-    make_mesh(config.mesh.data, config.mesh.expert, fsdp=config.mesh.get("fsdp", 1)) if mesh is None else mesh
-  )
+  mesh = mesh_from_config(config.mesh) if mesh is None else mesh
   train_config = config.train
   check_batch_divisible(train_config.batch_size, mesh)
   model_config = TransformerConfig.from_config(config.model, vocab_size=vocab_size)

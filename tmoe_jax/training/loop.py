@@ -29,7 +29,7 @@ from flax import nnx
 
 from tmoe_jax.errors import ConfigError, TmoeError
 from tmoe_jax.parallel import distributed, sharding
-from tmoe_jax.parallel.mesh import check_batch_divisible, expert_axis_size, make_mesh
+from tmoe_jax.parallel.mesh import check_batch_divisible, expert_axis_size, mesh_from_config
 from tmoe_jax.training import checkpointing, grad_accumulation, reporting, steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.preemption import PreemptionGuard
@@ -74,7 +74,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
   workdir = pathlib.Path(workdir)
   is_main = distributed.is_main_process()
   train_config = config.train
-  mesh = make_mesh(config.mesh.data, config.mesh.expert, fsdp=config.mesh.get("fsdp", 1))
+  mesh = mesh_from_config(config.mesh)
   if expert_axis_size(mesh) > 1 and not task.expert_parallel:
     name = config.get("task", type(task).__name__)
     raise ConfigError(
