@@ -50,10 +50,14 @@ def add_moe_settings(model: ml_collections.ConfigDict, **overrides) -> None:
   model.normalize_gates = True  # rescale the top-k gates to sum to 1 (k > 1)
   model.router = "top_k"  # or "expert_choice" (not causal: encoder layers only)
   model.softmax_order = "before"  # softmax then top-k (Switch/GShard); "after": Mixtral
+  model.router_dtype = "float32"  # or "model": the router matmul in the compute dtype (HF checkpoints)
   model.router_jitter = 0.0  # multiplicative noise on router logits in training
   model.batch_prioritized = False  # capacity goes to the most confident tokens first
   model.expert_bias_rate = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias
   model.num_shared_experts = 0  # DeepSeekMoE always-on experts beside the routed ones
+  model.shared_expert_type = "mlp"  # or "gated" (SwiGLU/GeGLU without biases, as Qwen2-MoE's)
+  model.shared_expert_d_ff = 0  # the shared FFN's width; 0 = num_shared_experts * the experts' width
+  model.shared_expert_gate = False  # Qwen2-MoE: scale the shared output by sigmoid(x w)
   model.dispatch = "capacity"  # or "dropless": no capacity, nothing dropped
   model.expert_type = "mlp"  # or "gated": SwiGLU with activation "silu", GeGLU with "gelu"
   # Capacity and drop order are decided per routing group of this many whole sequences

@@ -33,10 +33,18 @@ CONFIG_MODULES = sorted(
   for p in CONFIG_DIR.glob("*.py")
   if p.stem not in ("__init__", "common")  # common: shared sections
 )
+# Configs whose get_config takes an argument (`--config configs/NAME.py:ARGUMENT`), with one for tests.
+CONFIG_ARGUMENTS = {
+  "hf_finetune": (str(pathlib.Path(__file__).resolve().parent / "fixtures" / "hf_moe" / "qwen3_moe"),)
+}
+
+
+def shipped_config(name: str) -> ml_collections.ConfigDict:
+  return importlib.import_module(f"configs.{name}").get_config(*CONFIG_ARGUMENTS.get(name, ()))
+
+
 # The Transformer seq2seq experiments; the other tasks' configs have smoke tests beside their tasks.
-SEQ2SEQ_CONFIGS = [
-  name for name in CONFIG_MODULES if importlib.import_module(f"configs.{name}").get_config().task == "seq2seq"
-]
+SEQ2SEQ_CONFIGS = [name for name in CONFIG_MODULES if shipped_config(name).task == "seq2seq"]
 
 
 def _model_section(**overrides) -> ml_collections.ConfigDict:
@@ -281,7 +289,7 @@ def test_config_module_builds_and_runs(name):
   The model is shrunk (width and length only, keeping the layer and expert
   structure) so that building and compiling it stays quick on CPU.
   """
-  cfg = importlib.import_module(f"configs.{name}").get_config()
+  cfg = shipped_config(name)
   validate_run_config(cfg)
   cfg.model.d_model = 16
   cfg.model.num_heads = 2

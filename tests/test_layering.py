@@ -1,8 +1,9 @@
 """The package's layering: no module imports a layer above its own, and siblings stay apart.
 
 Layers, bottom up (`README.md`, Library): the primitives (attention, embeddings,
-feed-forward, decoding, BLEU, errors, validation), `parallel`, `moe`, then
-`models`, `training` and `data` side by side, `tasks`, and `loading` on top. The
+feed-forward, rotary positions, decoding, generation, BLEU, errors, validation),
+`parallel`, `moe`, then `models`, `training` and `data` side by side, `hf` (Hugging Face
+checkpoints), `tasks`, and `loading` on top. The
 test reads every module's imports with `ast`, those inside functions included, so
 a cycle cannot hide in a function body either.
 """
@@ -15,7 +16,17 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tmoe_jax"
-PRIMITIVES = ("attention", "embeddings", "feedforward", "decoding", "bleu", "errors", "validation")
+PRIMITIVES = (
+  "attention",
+  "rotary",
+  "embeddings",
+  "feedforward",
+  "decoding",
+  "generation",
+  "bleu",
+  "errors",
+  "validation",
+)
 # Package (or root module) -> its layer; equal layers may not import each other, except the
 # primitives (errors and validation are used by the others).
 LAYERS = {
@@ -25,8 +36,9 @@ LAYERS = {
   "models": 3,
   "training": 3,
   "data": 3,
-  "tasks": 4,
-  "loading": 5,
+  "hf": 4,
+  "tasks": 5,
+  "loading": 6,
 }
 
 

@@ -4,9 +4,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-  # `tmoe_jax.load` without importing JAX, Flax and Orbax on `import tmoe_jax`.
+  # `tmoe_jax.load` and `tmoe_jax.from_hf` without importing JAX, Flax and Orbax on `import tmoe_jax`.
   if name == "load":
     from tmoe_jax.loading import load
 
     return load
+  if name == "from_hf":
+    from tmoe_jax.hf import from_hf
+
+    return from_hf
   raise AttributeError(f"module 'tmoe_jax' has no attribute {name!r}")

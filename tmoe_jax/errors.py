@@ -15,3 +15,8 @@ class DataError(TmoeError, ValueError):
 
 class WorkdirError(TmoeError):
   """The workdir cannot be used: it is a file, or was written by an incompatible config."""
+
+
+class CheckpointFormatError(TmoeError, ValueError):
+  """A Hugging Face checkpoint directory cannot be used: an unknown architecture, a setting this
+  library does not implement, or a tensor that is missing, unexpected or mis-shaped."""

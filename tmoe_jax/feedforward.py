@@ -1,4 +1,4 @@
-"""The dense position-wise feed-forward block: D -> F -> D."""
+"""The dense position-wise feed-forward blocks: D -> F -> D, plain or gated."""
 
 from __future__ import annotations
 
@@ -31,3 +31,20 @@ class FeedForward(nnx.Module):
     hidden = self.activation(self.hidden(x_BxLxD))
     hidden = self.dropout(hidden, deterministic=deterministic, rngs=rngs)
     return self.output(hidden)
+
+
+class GatedFeedForward(nnx.Module):
+  """(act(x W_gate) * x W_up) W_down without biases: SwiGLU with silu (LLaMA, Mixtral), GeGLU with gelu."""
+
+  def __init__(self, d_model: int, d_ff: int, *, activation: str = "silu", dtype=jnp.float32, rngs: nnx.Rngs):
+    self.activation = ACTIVATIONS[activation]
+
+    def projection(in_features, out_features):
+      return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, rngs=rngs)
+
+    self.gate = projection(d_model, d_ff)
+    self.up = projection(d_model, d_ff)
+    self.down = projection(d_ff, d_model)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    return self.down(self.activation(self.gate(x_BxLxD)) * self.up(x_BxLxD))

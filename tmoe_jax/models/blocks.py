@@ -28,6 +28,7 @@ scores nor the per-expert matmuls). The results are the same; only memory and ti
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,9 @@ REMAT_POLICIES: dict[str, Callable[..., bool]] = {
 }
 REMATS = ("none", *REMAT_POLICIES)
 
+# `model.norm` -> the normalisation before each sublayer and at the top of the stack.
+NORMS: dict[str, type] = {"layer": nnx.LayerNorm, "rms": nnx.RMSNorm}
+
 
 @struct.dataclass
 class BlockCache:
@@ -144,27 +148,42 @@ class ResidualBlock(nnx.Module):
     cross_attention: bool = False,
     dropout_rate: float = 0.0,
     attention_dropout_rate: float = 0.0,
+    attention_options: dict[str, Any] | None = None,
+    norm: str = "layer",
+    norm_epsilon: float = 1e-6,
     dtype=jnp.float32,
     remat: str = "none",
     rngs: nnx.Rngs,
   ):
+    """`attention_options`: keywords of `MultiHeadAttention` (grouped-query heads, rotary positions,
+    q/k norm, biases); `norm` (`NORMS`): "layer" (LayerNorm) or "rms" (RMSNorm), with `norm_epsilon`."""
     if remat not in REMATS:
       raise ValueError(f"remat must be one of {REMATS}, got {remat!r}")
+    if norm not in NORMS:
+      raise ValueError(f"norm must be one of {tuple(NORMS)}, got {norm!r}")
 
     def attention():
       return MultiHeadAttention(
-        d_model, num_heads, dropout_rate=attention_dropout_rate, dtype=dtype, rngs=rngs
+        d_model,
+        num_heads,
+        dropout_rate=attention_dropout_rate,
+        dtype=dtype,
+        rngs=rngs,
+        **(attention_options or {}),
       )
 
-    # Norms output the compute dtype (flax takes their statistics in float32 whatever it is);
-    # left unset they would promote to the float32 of their parameters.
-    self.attention_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+    def normalization():
+      # Norms output the compute dtype (flax takes their statistics in float32 whatever it is);
+      # left unset they would promote to the float32 of their parameters.
+      return NORMS[norm](d_model, epsilon=norm_epsilon, dtype=dtype, rngs=rngs)
+
+    self.attention_norm = normalization()
     self.attention = attention()
     self.has_cross_attention = cross_attention
     if cross_attention:
-      self.cross_attention_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+      self.cross_attention_norm = normalization()
       self.cross_attention = attention()
-    self.ffn_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+    self.ffn_norm = normalization()
     # Built last: parameters are drawn in the block's order (attention, then feed-forward), as
     # the blocks before this class drew them, so a seed gives the same model as it did then.
     self.ffn = make_feed_forward()
@@ -179,18 +198,29 @@ class ResidualBlock(nnx.Module):
     *,
     memory_BxSxD: jax.Array | None = None,
     cross_mask_Bx1xLxS: jax.Array | None = None,
+    positions_BxL: jax.Array | None = None,
     deterministic: bool,
     rngs: nnx.Rngs | None,
     step: jax.Array | int | None = None,
   ) -> tuple[jax.Array, MoEAux | None]:
-    """`mask_Bx1xLxL` may broadcast ([1, 1, L, L] causal); `memory_BxSxD` is needed with cross-attention."""
-    inputs = (x_BxLxD, mask_Bx1xLxL, token_mask_BxL, memory_BxSxD, cross_mask_Bx1xLxS, rngs, step)
+    """`mask_Bx1xLxL` may broadcast ([1, 1, L, L] causal); `memory_BxSxD` is needed with cross-attention;
+    `positions_BxL` are the tokens' positions for rotary self-attention (None: 0, 1, ...)."""
+    inputs = (
+      x_BxLxD,
+      mask_Bx1xLxL,
+      token_mask_BxL,
+      memory_BxSxD,
+      cross_mask_Bx1xLxS,
+      positions_BxL,
+      rngs,
+      step,
+    )
     if self.remat == "none":
       return self._forward(*inputs, deterministic)
     # nnx.remat carries the block's state (and `rngs`' counters, the expert bias) in and out of
-    # the checkpointed function; `deterministic` (argument 8, counting the block) steers Python
+    # the checkpointed function; `deterministic` (argument 9, counting the block) steers Python
     # control flow, so it stays static.
-    forward = nnx.remat(ResidualBlock._forward, policy=REMAT_POLICIES[self.remat], static_argnums=(8,))
+    forward = nnx.remat(ResidualBlock._forward, policy=REMAT_POLICIES[self.remat], static_argnums=(9,))
     return forward(self, *inputs, deterministic)
 
   def _forward(
@@ -200,6 +230,7 @@ class ResidualBlock(nnx.Module):
     token_mask_BxL: jax.Array | None,
     memory_BxSxD: jax.Array | None,
     cross_mask_Bx1xLxS: jax.Array | None,
+    positions_BxL: jax.Array | None,
     rngs: nnx.Rngs | None,
     step: jax.Array | int | None,
     deterministic: bool,
@@ -210,9 +241,10 @@ class ResidualBlock(nnx.Module):
       return x + self.dropout(update, deterministic=deterministic, rngs=rngs)
 
     normed = self.attention_norm(x_BxLxD)
-    x_BxLxD = residual(
-      x_BxLxD, self.attention(normed, normed, mask_Bx1xLxL, deterministic=deterministic, rngs=rngs)
+    attended = self.attention(
+      normed, normed, mask_Bx1xLxL, positions_BxQ=positions_BxL, deterministic=deterministic, rngs=rngs
     )
+    x_BxLxD = residual(x_BxLxD, attended)
     if self.has_cross_attention:
       normed = self.cross_attention_norm(x_BxLxD)
       attended = self.cross_attention(
@@ -235,12 +267,48 @@ class ResidualBlock(nnx.Module):
       ),
     )
 
-  def decode_step(
-    self, x_Bx1xD: jax.Array, cache: BlockCache, position, cross_mask_Bx1x1xS: jax.Array | None = None
+  def prefill(
+    self,
+    x_BxLxD: jax.Array,
+    mask_Bx1xLxL: jax.Array,
+    token_mask_BxL: jax.Array | None,
+    positions_BxL: jax.Array,
+    max_length: int,
   ) -> tuple[jax.Array, BlockCache]:
-    """One position of cached decoding (inference: no dropout, no capacity limit)."""
+    """The block over a whole prompt (inference), and its self-attention cache of `max_length` slots
+    with the prompt in the first L (a decoder-only block: no cross-attention)."""
+    if self.has_cross_attention:
+      raise ValueError("prefill is for decoder-only blocks; a cross-attention block uses init_cache")
+    normed = self.attention_norm(x_BxLxD)
+    key_value = self.attention.project_key_value(normed, positions_BxL)
+    x_BxLxD = x_BxLxD + self.attention.attend(
+      normed, key_value, mask_Bx1xLxL, positions_BxQ=positions_BxL, deterministic=True, rngs=None
+    )
+    y, _ = self.ffn(self.ffn_norm(x_BxLxD), token_mask_BxL, deterministic=True, rngs=None, drop_tokens=False)
+    free_slots = ((0, 0), (0, max_length - x_BxLxD.shape[1]), (0, 0), (0, 0))
+    cache = KeyValueCache(
+      jnp.pad(key_value.key_BxKxHxDh, free_slots), jnp.pad(key_value.value_BxKxHxDh, free_slots)
+    )
+    return x_BxLxD + y, BlockCache(self_attention=cache, cross_attention=None)
+
+  def decode_step(
+    self,
+    x_Bx1xD: jax.Array,
+    cache: BlockCache,
+    position,
+    cross_mask_Bx1x1xS: jax.Array | None = None,
+    *,
+    positions_Bx1: jax.Array | None = None,
+    key_mask_Bx1x1xK: jax.Array | None = None,
+  ) -> tuple[jax.Array, BlockCache]:
+    """One position (cache slot `position`) of cached decoding (inference: no dropout, no capacity
+    limit). `positions_Bx1` and `key_mask_Bx1x1xK`: see `MultiHeadAttention.decode_step`."""
     attended, self_cache = self.attention.decode_step(
-      self.attention_norm(x_Bx1xD), cache.self_attention, position
+      self.attention_norm(x_Bx1xD),
+      cache.self_attention,
+      position,
+      positions_Bx1=positions_Bx1,
+      key_mask_Bx1x1xK=key_mask_Bx1x1xK,
     )
     x_Bx1xD = x_Bx1xD + attended
     if self.has_cross_attention:
@@ -250,6 +318,17 @@ class ResidualBlock(nnx.Module):
       )
     y, _ = self.ffn(self.ffn_norm(x_Bx1xD), None, deterministic=True, rngs=None, drop_tokens=False)
     return x_Bx1xD + y, BlockCache(self_cache, cache.cross_attention)
+
+
+def run_stack(layers, x_BxLxD: jax.Array, *args, **kwargs) -> tuple[jax.Array, tuple[MoEAux, ...]]:
+  """Each block of `layers` in turn over `x` (the other arguments the same for each): (the last
+  block's output, the MoEAux of every block whose feed-forward layer has one, in order)."""
+  auxes = []
+  for layer in layers:
+    x_BxLxD, aux = layer(x_BxLxD, *args, **kwargs)
+    if aux is not None:
+      auxes.append(aux)
+  return x_BxLxD, tuple(auxes)
 
 
 def build_block(
@@ -279,6 +358,10 @@ def build_block(
     cross_attention=cross_attention,
     dropout_rate=model.dropout_rate,
     attention_dropout_rate=getattr(model, "attention_dropout_rate", 0.0),
+    # Settings only the decoder LM of Hugging Face families has (`models.causal_lm`).
+    attention_options=getattr(model, "attention_options", None),
+    norm=getattr(model, "norm", "layer"),
+    norm_epsilon=getattr(model, "norm_epsilon", 1e-6),
     dtype=model.dtype,
     remat=model.remat,
     rngs=rngs,

@@ -28,7 +28,7 @@ from flax import nnx
 
 from tmoe_jax.attention import causal_mask
 from tmoe_jax.embeddings import PositionEmbedding
-from tmoe_jax.models.blocks import FEED_FORWARDS, build_block, check_stack_settings
+from tmoe_jax.models.blocks import FEED_FORWARDS, build_block, check_stack_settings, run_stack
 from tmoe_jax.moe.routers import CAUSAL_ROUTERS
 from tmoe_jax.moe.settings import HoldsMoESettings, MoEConfig, SMoEConfig
 from tmoe_jax.moe.statistics import MoEAux
@@ -176,9 +176,5 @@ class LanguageModel(nnx.Module):
     x = self.embedding(tokens_BxL) * jnp.sqrt(self.config.d_model).astype(self.config.dtype)
     x = self.embedding_dropout(self.positions(x), deterministic=deterministic, rngs=rngs)
     mask = causal_mask(tokens_BxL.shape[1])
-    auxes = []
-    for layer in self.layers:
-      x, aux = layer(x, mask, deterministic=deterministic, rngs=rngs, step=step)
-      if aux is not None:
-        auxes.append(aux)
-    return self.embedding.attend(self.final_norm(x)).astype(jnp.float32), tuple(auxes)
+    x, auxes = run_stack(self.layers, x, mask, deterministic=deterministic, rngs=rngs, step=step)
+    return self.embedding.attend(self.final_norm(x)).astype(jnp.float32), auxes

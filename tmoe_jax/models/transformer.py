@@ -22,7 +22,7 @@ from flax import nnx, struct
 
 from tmoe_jax.attention import causal_mask, padding_mask
 from tmoe_jax.embeddings import PAD_ID, PositionEmbedding
-from tmoe_jax.models.blocks import BlockCache, build_block, check_stack_settings
+from tmoe_jax.models.blocks import BlockCache, build_block, check_stack_settings, run_stack
 from tmoe_jax.moe.routers import CAUSAL_ROUTERS
 from tmoe_jax.moe.settings import MOE_SHAPE_FIELDS, HoldsMoESettings, MoEConfig, SMoEConfig
 from tmoe_jax.moe.statistics import MoEAux
@@ -188,12 +188,10 @@ class Transformer(nnx.Module):
     x = self._embed(
       source_BxS, self.source_embedding, self.source_positions, deterministic=deterministic, rngs=rngs
     )
-    auxes = []
-    for layer in self.encoder_layers:
-      x, aux = layer(x, mask, source_valid_BxS, deterministic=deterministic, rngs=rngs, step=step)
-      if aux is not None:
-        auxes.append(aux)
-    return self.encoder_norm(x), tuple(auxes)
+    x, auxes = run_stack(
+      self.encoder_layers, x, mask, source_valid_BxS, deterministic=deterministic, rngs=rngs, step=step
+    )
+    return self.encoder_norm(x), auxes
 
   def decode(
     self,
@@ -216,21 +214,18 @@ class Transformer(nnx.Module):
     y = self._embed(
       target_input_BxL, self.target_embedding, self.target_positions, deterministic=deterministic, rngs=rngs
     )
-    auxes = []
-    for layer in self.decoder_layers:
-      y, aux = layer(
-        y,
-        self_mask,
-        target_valid_BxL,
-        memory_BxSxD=encoded_BxSxD,
-        cross_mask_Bx1xLxS=cross_mask,
-        deterministic=deterministic,
-        rngs=rngs,
-        step=step,
-      )
-      if aux is not None:
-        auxes.append(aux)
-    return self._logits(self.decoder_norm(y)), tuple(auxes)
+    y, auxes = run_stack(
+      self.decoder_layers,
+      y,
+      self_mask,
+      target_valid_BxL,
+      memory_BxSxD=encoded_BxSxD,
+      cross_mask_Bx1xLxS=cross_mask,
+      deterministic=deterministic,
+      rngs=rngs,
+      step=step,
+    )
+    return self._logits(self.decoder_norm(y)), auxes
 
   def __call__(
     self,

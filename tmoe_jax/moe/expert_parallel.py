@@ -203,20 +203,21 @@ def expert_parallel_moe(
   batch_prioritized: bool = False,
   jitter_GxSxE: jax.Array | None = None,
   expert_bias_E: jax.Array | None = None,
+  router_dtype=jnp.float32,
   exchange: str = "auto",
 ) -> tuple[jax.Array, RoutingSums]:
   """`token_choice.token_choice_moe` with groups split over ('data', 'expert') and experts over 'expert'.
 
   Args:
     x_GxSxD, token_mask_GxS, router_kernel_DxE, top_k, capacity, softmax_order,
-      normalize_gates, batch_prioritized, jitter_GxSxE, expert_bias_E: as
+      normalize_gates, batch_prioritized, jitter_GxSxE, expert_bias_E, router_dtype: as
       `token_choice_moe`. G must be divisible by data * expert; under jit, pass
       the groups split over ('data', 'expert') to avoid a reshuffle.
     expert_weights: stacked [E, ...] weights in `EXPERT_FUNCTIONS[expert_type]`
       order (`experts.expert_weights_of(module)`); E divisible by X.
     mesh: a ('data', 'expert') mesh from `parallel.mesh.make_mesh`.
     expert_type, activation, dtype: the experts' kind, activation name and
-      compute dtype (the router is always float32).
+      compute dtype.
     exchange: the dropless exchange, "ragged", "padded" or "auto" (ragged on
       GPU/TPU, padded on CPU); see `parallel.ragged_exchange`.
 
@@ -280,6 +281,7 @@ def expert_parallel_moe(
       batch_prioritized=batch_prioritized,
       jitter_GxSxE=local.get("jitter"),
       expert_bias_E=local.get("bias"),
+      router_dtype=router_dtype,
     )
     # Sums, never ratios, are reduced: see `moe.statistics`.
     return y, jax.lax.psum(sums, BATCH_AXES)

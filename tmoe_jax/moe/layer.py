@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tmoe_jax.feedforward import FeedForward
+from tmoe_jax.feedforward import FeedForward, GatedFeedForward
 from tmoe_jax.moe import losses
 from tmoe_jax.moe.expert_choice import expert_choice_combine, expert_choice_dispatch, expert_choice_route
 from tmoe_jax.moe.expert_parallel import expert_parallel_moe
@@ -64,14 +64,13 @@ class MoEFeedForward(nnx.Module):
       rngs=rngs,
     )
     if config.num_shared_experts:
-      # n shared experts of width d_ff are one dense FFN of width n * d_ff.
-      self.shared_experts = FeedForward(
-        config.d_model,
-        config.d_ff * config.num_shared_experts,
-        activation=config.activation,
-        dtype=config.dtype,
-        rngs=rngs,
+      shared_type = FeedForward if config.shared_expert_type == "mlp" else GatedFeedForward
+      self.shared_experts = shared_type(
+        config.d_model, config.shared_width, activation=config.activation, dtype=config.dtype, rngs=rngs
       )
+      if config.shared_expert_gate:
+        # Qwen2-MoE: a sigmoid of one learned projection scales the shared output per token.
+        self.shared_expert_gate = nnx.Linear(config.d_model, 1, use_bias=False, dtype=config.dtype, rngs=rngs)
     if config.expert_bias_rate:
       self.expert_bias = ExpertBias(jnp.zeros((config.num_experts,), jnp.float32))
 
@@ -100,7 +99,10 @@ class MoEFeedForward(nnx.Module):
       self, x_BxLxD, token_mask_BxL, deterministic, drop_tokens, rngs
     )
     if config.num_shared_experts:
-      y_BxLxD = y_BxLxD + self.shared_experts(x_BxLxD)
+      shared_BxLxD = self.shared_experts(x_BxLxD)
+      if config.shared_expert_gate:
+        shared_BxLxD = jax.nn.sigmoid(self.shared_expert_gate(x_BxLxD)) * shared_BxLxD
+      y_BxLxD = y_BxLxD + shared_BxLxD
     return y_BxLxD.astype(x_BxLxD.dtype), aux
 
   def _token_choice(self, x_BxLxD, token_mask_BxL, deterministic, drop_tokens, rngs):
@@ -128,6 +130,7 @@ class MoEFeedForward(nnx.Module):
       "batch_prioritized": config.batch_prioritized,
       "jitter_GxSxE": jitter_GxSxE,
       "expert_bias_E": self.expert_bias[...] if config.expert_bias_rate else None,
+      "router_dtype": jnp.float32 if config.router_dtype == "float32" else config.dtype,
     }
     expert_settings = {
       "expert_type": config.expert_type,

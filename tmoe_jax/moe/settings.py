@@ -29,6 +29,11 @@ DISPATCHES = ("capacity", "dropless")
 # mlp, or gated: SwiGLU with activation "silu", GeGLU with "gelu" (`experts.EXPERT_REGISTRY`).
 EXPERT_TYPES = tuple(EXPERT_REGISTRY)
 SOFTMAX_ORDERS = ("before", "after")
+# The router matmul's dtype: always float32, or the model's compute dtype (Hugging Face checkpoints).
+ROUTER_DTYPES = ("float32", "model")
+# The shared experts' FFN: "mlp" (with biases, `feedforward.FeedForward`) or "gated" (SwiGLU/GeGLU
+# without biases, `feedforward.GatedFeedForward`, as Qwen2-MoE's shared expert).
+SHARED_EXPERT_TYPES = ("mlp", "gated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +57,14 @@ class MoEConfig:
   activation: str = "relu"
   router: str = "top_k"
   softmax_order: str = "before"
+  router_dtype: str = "float32"
   router_jitter: float = 0.0
   batch_prioritized: bool = False
   expert_bias_rate: float = 0.0
   num_shared_experts: int = 0
+  shared_expert_type: str = "mlp"
+  shared_expert_d_ff: int = 0
+  shared_expert_gate: bool = False
   expert_type: str = "mlp"
   dispatch: str = "capacity"
   sequences_per_group: int = 0
@@ -83,6 +92,11 @@ class MoEConfig:
       f"must be one of {SOFTMAX_ORDERS}, got {self.softmax_order!r}",
     )
     require(
+      self.router_dtype in ROUTER_DTYPES,
+      "model.router_dtype",
+      f"must be one of {ROUTER_DTYPES}, got {self.router_dtype!r}",
+    )
+    require(
       0.0 <= self.router_jitter < 1.0, "model.router_jitter", f"must be in [0, 1), got {self.router_jitter}"
     )
     require(
@@ -92,6 +106,16 @@ class MoEConfig:
       self.num_shared_experts >= 0,
       "model.num_shared_experts",
       f"must be >= 0, got {self.num_shared_experts}",
+    )
+    require(
+      self.shared_expert_type in SHARED_EXPERT_TYPES,
+      "model.shared_expert_type",
+      f"must be one of {SHARED_EXPERT_TYPES}, got {self.shared_expert_type!r}",
+    )
+    require(
+      self.shared_expert_d_ff >= 0,
+      "model.shared_expert_d_ff",
+      f"must be >= 0 (0 = num_shared_experts * the experts' width), got {self.shared_expert_d_ff}",
     )
     require(self.num_experts >= 1, "model.num_experts", f"must be >= 1, got {self.num_experts}")
     require(
@@ -111,6 +135,11 @@ class MoEConfig:
       f"must be > 0, got {self.eval_capacity_factor}",
     )
     require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
+
+  @property
+  def shared_width(self) -> int:
+    """Hidden units of the shared experts' one FFN (n shared experts of width d_ff are one of n * d_ff)."""
+    return self.shared_expert_d_ff or self.d_ff * self.num_shared_experts
 
   def capacity(self, group_size: int, *, training: bool) -> int:
     """Slots per expert in a routing group of `group_size` tokens (`dispatch.expert_capacity`)."""

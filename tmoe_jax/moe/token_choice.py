@@ -133,6 +133,7 @@ def token_choice_moe(
   batch_prioritized: bool = False,
   jitter_GxSxE: jax.Array | None = None,
   expert_bias_E: jax.Array | None = None,
+  router_dtype=jnp.float32,
 ) -> tuple[jax.Array, RoutingSums]:
   """Top-k token-choice MoE on G routing groups of S tokens.
 
@@ -140,7 +141,9 @@ def token_choice_moe(
     x_GxSxD: the tokens, grouped (`RoutingGroups.group`).
     token_mask_GxS: bool; False tokens (padding) are not routed, take no slot
       and are left out of every statistic.
-    router_kernel_DxE: the router's weight (no bias); the router is float32.
+    router_kernel_DxE: the router's weight (no bias).
+    router_dtype: the dtype of the router matmul (its logits and softmax are float32 after it):
+      float32 by default; a bfloat16 model may route in bfloat16, as Hugging Face checkpoints do.
     experts: how the experts run (`local_experts`, or the expert-parallel one).
     top_k, softmax_order, normalize_gates, expert_bias_E: as `routing.top_k_route`.
     capacity: C slots per expert in each group
@@ -159,7 +162,7 @@ def token_choice_moe(
   num_tokens = num_groups * group_size
   x_TxD = x_GxSxD.reshape(num_tokens, d_model)
   mask_T = token_mask_GxS.reshape(num_tokens).astype(bool)
-  logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), router_kernel_DxE.astype(jnp.float32))
+  logits_TxE = jnp.dot(x_TxD.astype(router_dtype), router_kernel_DxE.astype(router_dtype)).astype(jnp.float32)
   if jitter_GxSxE is not None:
     logits_TxE = logits_TxE * jitter_GxSxE.reshape(num_tokens, num_experts)
   route = top_k_route(

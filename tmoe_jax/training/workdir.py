@@ -46,6 +46,18 @@ KEYS_ADDED_LATER["seq2seq"].update(
     "model.smoe_mask_scaling": "keep_rate",
   }
 )
+# The shared experts' type, width and gate and the router's dtype came with the Hugging Face MoE
+# families; before them, shared experts were one biased MLP of num_shared_experts * d_ff units,
+# ungated, and the router was float32.
+for _task in ("seq2seq", "language_model"):
+  KEYS_ADDED_LATER[_task].update(
+    {
+      "model.shared_expert_type": "mlp",
+      "model.shared_expert_d_ff": 0,
+      "model.shared_expert_gate": False,
+      "model.router_dtype": "float32",
+    }
+  )
 # Values a key accepted under an older name: {task: {dotted key: {old value: current value}}}.
 # Saved and current configs are compared (on resume) with the current names.
 VALUES_RENAMED: dict[str, dict[str, dict[Any, Any]]] = {
