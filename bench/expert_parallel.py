@@ -1,7 +1,7 @@
 """Train-step time of one MoE layer with and without expert parallelism, and its all-to-all bytes.
 
 Run from the repository root (8 virtual CPU devices unless XLA_FLAGS says otherwise):
-  python -m bench.expert_parallel [--tokens 2048 --d_model 128 --d_ff 256 --experts 8 --top_k 2]
+  python -m bench.expert_parallel [--tokens 2048 --d_model 128 --d_ff 256 --experts 8 --top_k 2] [--json PATH]
 
 A step is forward + backward + Adam (optax) of one top-k MoE layer on a loss
 mixing the output with the balancing and z losses. Variants:
@@ -22,6 +22,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
+import json
 import statistics
 import time
 
@@ -130,7 +131,17 @@ def time_step(
   return statistics.median(times), min(times), compile_s, params
 
 
-def main():
+def parse_meshes(text: str, capacity_factor: float) -> list[tuple[tuple[int, int], float | None]]:
+  """ "2x4,1x8:dropless" -> [((2, 4), capacity_factor), ((1, 8), None)]."""
+  variants = []
+  for item in text.split(","):
+    shape, _, dispatch = item.partition(":")
+    data, expert = (int(size) for size in shape.split("x"))
+    variants.append(((data, expert), None if dispatch == "dropless" else capacity_factor))
+  return variants
+
+
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tokens", type=int, default=2048)
   parser.add_argument("--d_model", type=int, default=128)
@@ -139,7 +150,26 @@ def main():
   parser.add_argument("--top_k", type=int, default=2)
   parser.add_argument("--capacity_factor", type=float, default=1.25)
   parser.add_argument("--repeats", type=int, default=30)
-  args = parser.parse_args()
+  parser.add_argument(
+    "--meshes",
+    default="8x1,4x2,2x4,1x8,2x4:dropless,1x8:dropless",
+    help="expert-parallel variants: DATAxEXPERT, with :dropless for dropless dispatch",
+  )
+  parser.add_argument("--json", help="write the rows (and the settings) to this file as JSON")
+  args = parser.parse_args(argv)
+  rows = []
+
+  def record(variant, median, best, compile_s, **extra):
+    rows.append(
+      {
+        "variant": variant,
+        "median_ms": median * 1e3,
+        "min_ms": best * 1e3,
+        "first_call_s": compile_s,
+        **extra,
+      }
+    )
+
   num_tokens, top_k, cf = args.tokens, args.top_k, args.capacity_factor
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   x = jax.random.normal(keys[0], (num_tokens, args.d_model))
@@ -167,6 +197,7 @@ def main():
     repeats=args.repeats,
   )
   print(f"{'single device':<28} {median * 1e3:>10.2f} {best * 1e3:>8.2f} {compile_s:>10.2f} {0:>22,}")
+  record("single device", median, best, compile_s, all_to_all_forward_bytes=0)
 
   mesh = make_mesh()
   replicated = NamedSharding(mesh, P())
@@ -186,15 +217,9 @@ def main():
   print(
     f"{'gspmd (batch split, x8)':<28} {median * 1e3:>10.2f} {best * 1e3:>8.2f} {compile_s:>10.2f} {'-':>22}"
   )
+  record("gspmd (batch split, x8)", median, best, compile_s, all_to_all_forward_bytes=None)
 
-  for (data, expert), factor in [
-    ((8, 1), cf),
-    ((4, 2), cf),
-    ((2, 4), cf),
-    ((1, 8), cf),
-    ((2, 4), None),
-    ((1, 8), None),
-  ]:
+  for (data, expert), factor in parse_meshes(args.meshes, cf):
     mesh = make_mesh(data, expert)
     params = fresh_params()
     param_shardings = tree_shardings(params, mesh)
@@ -229,7 +254,27 @@ def main():
       f"{moved.sent_bytes_per_device:,} B sent per device, "
       f"payload {moved.payload_bytes:,} B)"
     )
+    record(
+      name,
+      median,
+      best,
+      compile_s,
+      data=data,
+      expert=expert,
+      dropless=factor is None,
+      all_to_all_forward_bytes=moved.total_bytes,
+      rows_per_device=moved.rows_per_device,
+      capacity=moved.capacity,
+      sent_bytes_per_device=moved.sent_bytes_per_device,
+      payload_bytes=moved.payload_bytes,
+    )
+  if args.json:
+    settings = {key: value for key, value in vars(args).items() if key != "json"}
+    settings.update(devices=jax.device_count(), backend=jax.default_backend())
+    with open(args.json, "w") as file:
+      json.dump({"settings": settings, "rows": rows}, file, indent=1)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

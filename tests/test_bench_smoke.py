@@ -342,3 +342,21 @@ def test_grouped_matmul_main_writes_rows(tmp_path):
 def test_grouped_matmul_rejects_uneven_groups():
   with pytest.raises(SystemExit):
     grouped_matmul.main(["--num-experts", "3", "--tokens", "8"])
+
+
+def test_expert_parallel_main_writes_rows(tmp_path):
+  from bench import expert_parallel
+
+  path = tmp_path / "expert_parallel.json"
+  argv = ["--tokens", "64", "--d_model", "8", "--d_ff", "16", "--experts", "8", "--repeats", "1"]
+  argv += ["--meshes", "1x8,1x8:dropless"]
+  assert expert_parallel.main(argv + ["--json", str(path)]) == 0
+  written = json.loads(path.read_text())
+  assert written["settings"]["experts"] == 8 and written["settings"]["devices"] == 8
+  variants = [row["variant"] for row in written["rows"]]
+  assert variants[:2] == ["single device", "gspmd (batch split, x8)"]
+  assert variants[2:] == ["ep data=1 expert=8", "ep data=1 expert=8 dropless"]
+  for row in written["rows"]:
+    assert row["median_ms"] > 0 and row["min_ms"] <= row["median_ms"]
+  ep = next(row for row in written["rows"] if row["variant"] == "ep data=1 expert=8")
+  assert ep["all_to_all_forward_bytes"] > 0 and ep["capacity"] >= 1
