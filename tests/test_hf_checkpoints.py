@@ -165,6 +165,26 @@ def test_generate_decodes_text_with_the_checkpoint_tokenizer():
   assert text == hf.tokenizer.decode(tokens)
 
 
+def test_a_sharded_checkpoint_reads_as_the_single_file(tmp_path):
+  from safetensors.flax import save_file
+
+  directory = tmp_path / "sharded"
+  directory.mkdir()
+  for name in ("config.json", "tokenizer.json"):
+    shutil.copy(FIXTURES / "qwen2_moe" / name, directory / name)
+  tensors = read_tensors(FIXTURES / "qwen2_moe")
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+  for file_name, shard_names in shards.items():
+    save_file({name: tensors[name] for name in shard_names}, str(directory / file_name))
+  weight_map = {name: file_name for file_name, shard_names in shards.items() for name in shard_names}
+  (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  sharded, single = model_parameters(from_hf(directory).model), model_parameters(imported("qwen2_moe").model)
+  assert sharded.keys() == single.keys()
+  for path in single:
+    np.testing.assert_array_equal(np.asarray(sharded[path]), np.asarray(single[path]))
+
+
 # --- bad checkpoints: one CheckpointFormatError naming the field or tensor --------------------------
 
 
