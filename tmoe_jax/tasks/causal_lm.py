@@ -28,12 +28,13 @@ import numpy as np
 from flax import nnx
 from tokenizers import Tokenizer
 
-from tmoe_jax.data import batching, pydoc_corpus, token_corpus
+from tmoe_jax.data import pydoc_corpus, token_corpus
 from tmoe_jax.errors import ConfigError, DataError, WorkdirError
 from tmoe_jax.hf.checkpoint_directory import build_model, read_config, read_tensors
 from tmoe_jax.hf.families import family_of
 from tmoe_jax.hf.tensors import parameters_from_hf
 from tmoe_jax.models.causal_lm import CausalLM, CausalLMConfig
+from tmoe_jax.tasks.window_evaluation import pooled_window_sums
 from tmoe_jax.training import reporting
 from tmoe_jax.training.losses import token_cross_entropy, token_prediction_sums
 from tmoe_jax.training.run_fields import MOE_LOSS_FIELDS
@@ -76,6 +77,12 @@ def windows(ids: np.ndarray, starts_B: np.ndarray, length: int) -> dict[str, np.
   """Inputs, targets and valid (every target real) of windows of L + 1 tokens at `starts_B`."""
   batch = pydoc_corpus.windows_at(ids, starts_B, length)
   batch["valid"] = np.ones(batch["targets"].shape, bool)
+  return batch
+
+
+def _padded_windows(ids, starts_B, length: int, num_valid: int) -> dict[str, np.ndarray]:
+  batch = windows(ids, starts_B, length)
+  batch["valid"][num_valid:] = False  # padding rows repeat a window: they count for nothing
   return batch
 
 
@@ -171,16 +178,9 @@ class CausalLMTask(Task):
     def evaluator(state: TrainState, split: str, num_examples: int | None) -> dict[str, Any]:
       if split not in self.corpus.splits:
         raise DataError(f"split {split!r}: this corpus has splits {sorted(self.corpus.splits)}")
-      ids = self.corpus.splits[split]
-      starts = pydoc_corpus.consecutive_window_starts(len(ids), length)
-      count = len(starts) if num_examples is None else min(num_examples, len(starts))
-      totals = {"loss_sum": 0.0, "correct_tokens": 0.0, "num_tokens": 0.0}
-      for indices, num_valid in batching.sequential_batches(count, batch_size):
-        batch = windows(ids, starts[indices], length)
-        batch["valid"][num_valid:] = False  # padding rows repeat a window: they count for nothing
-        sums = jax.device_get(eval_fn(state.params, state.model_state, batch))
-        for key in totals:
-          totals[key] += float(sums[key])
+      count, totals = pooled_window_sums(
+        eval_fn, state, self.corpus.splits[split], length, batch_size, num_examples, _padded_windows
+      )
       loss = totals["loss_sum"] / max(totals["num_tokens"], 1.0)
       return {
         "loss": loss,

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmoe_jax.data import batching, pydoc_corpus
+from tmoe_jax.data import pydoc_corpus
 from tmoe_jax.data.vocabulary import CharVocabulary
 from tmoe_jax.errors import ConfigError, DataError, WorkdirError
 from tmoe_jax.models.language_model import LanguageModel, LanguageModelConfig
+from tmoe_jax.tasks.window_evaluation import pooled_window_sums
 from tmoe_jax.training import reporting
 from tmoe_jax.training.losses import PAD_ID, token_cross_entropy, token_prediction_sums
 from tmoe_jax.training.run_fields import MOE_LOSS_FIELDS
@@ -56,6 +57,13 @@ def eval_sums(params, model_state, batch, *, graphdef) -> dict[str, jax.Array]:
   model = nnx.merge(graphdef, params, model_state)
   logits_BxLxV, _ = model(batch["inputs"], deterministic=True)
   return token_prediction_sums(logits_BxLxV, batch["targets"])
+
+
+def _padded_windows(ids, starts_B, length: int, num_valid: int) -> dict[str, np.ndarray]:
+  batch = pydoc_corpus.windows_at(ids, starts_B, length)
+  # Padding rows repeat a window: PAD targets make them count for nothing.
+  batch["targets"][num_valid:] = PAD_ID
+  return batch
 
 
 class LanguageModelTask(Task):
@@ -127,25 +135,16 @@ class LanguageModelTask(Task):
     def evaluator(state: TrainState, split: str, num_examples: int | None) -> dict[str, Any]:
       if split not in self.corpus.splits:
         raise DataError(f"split {split!r}: the pydoc corpus has splits {pydoc_corpus.SPLITS}")
-      ids = self.corpus.splits[split]
-      starts = pydoc_corpus.consecutive_window_starts(len(ids), length)
-      count = len(starts) if num_examples is None else min(num_examples, len(starts))
-      loss_sum = correct = num_tokens = 0.0
-      for indices, num_valid in batching.sequential_batches(count, batch_size):
-        batch = pydoc_corpus.windows_at(ids, starts[indices], length)
-        # Padding rows repeat window 0: PAD targets make them count for nothing.
-        batch["targets"][num_valid:] = PAD_ID
-        sums = jax.device_get(eval_fn(state.params, state.model_state, batch))
-        loss_sum += float(sums["loss_sum"])
-        correct += float(sums["correct_tokens"])
-        num_tokens += float(sums["num_tokens"])
-      loss = loss_sum / max(num_tokens, 1.0)
+      count, sums = pooled_window_sums(
+        eval_fn, state, self.corpus.splits[split], length, batch_size, num_examples, _padded_windows
+      )
+      loss = sums["loss_sum"] / max(sums["num_tokens"], 1.0)
       return {
         "loss": loss,
         "bits_per_char": bits_per_char(loss),
-        "accuracy": correct / max(num_tokens, 1.0),
+        "accuracy": sums["correct_tokens"] / max(sums["num_tokens"], 1.0),
         "num_windows": count,
-        "num_characters": int(num_tokens),
+        "num_characters": int(sums["num_tokens"]),
       }
 
     return evaluator
