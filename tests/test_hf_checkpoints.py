@@ -116,18 +116,23 @@ def test_dropless_default_matches():
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
-def test_experts_split_over_eight_devices_give_the_same_logits(name):
+def test_experts_split_over_eight_devices_reproduce_transformers(name):
+  """Logits, every layer's top-k and 32 greedy tokens again, with one expert on each of 8 devices."""
   mesh = make_mesh(data=1, expert=8)
   hf = from_hf(FIXTURES / name, mesh=mesh, **NO_DROPS)  # routing groups of one sequence, as imported
   experts = hf.model.layers[0].ffn.experts.w_gate_ExDxF[...]
   assert len(experts.sharding.device_set) == 8
   assert experts.addressable_shards[0].data.shape[0] == 1  # one expert per device
   reference = expected(name)
-  logits = forward_logits(hf.model, jnp.asarray(reference["input_ids"]))
-  np.testing.assert_allclose(np.asarray(logits), reference["logits"], atol=1e-4, rtol=0)
-  if name == "qwen2_moe":  # greedy decoding through the expert-parallel layers, once
-    (continuation,) = hf.generate([reference["greedy_prompt"][0].tolist()], 32, stop_at_eos=False)
-    assert continuation == reference["greedy_tokens"].tolist()
+  tokens = jnp.asarray(reference["input_ids"])
+  np.testing.assert_allclose(
+    np.asarray(forward_logits(hf.model, tokens)), reference["logits"], atol=1e-4, rtol=0
+  )
+  for layer, probabilities_TxE in enumerate(router_probabilities_by_layer(hf.model, tokens)):
+    chosen = np.argsort(-probabilities_TxE, axis=-1, kind="stable")[:, : hf.config.moe.top_k]
+    np.testing.assert_array_equal(chosen, reference["router_top_k"][layer], err_msg=f"layer {layer}")
+  (continuation,) = hf.generate([reference["greedy_prompt"][0].tolist()], 32, stop_at_eos=False)
+  assert continuation == reference["greedy_tokens"].tolist()
 
 
 @pytest.mark.parametrize("name", ["mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe", "olmoe"])
