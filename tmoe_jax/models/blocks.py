@@ -38,6 +38,7 @@ from tmoe_jax.attention import KeyValueCache, MultiHeadAttention
 from tmoe_jax.embeddings import POSITION_EMBEDDINGS
 from tmoe_jax.feedforward import FeedForward
 from tmoe_jax.moe.layer import MoEFeedForward
+from tmoe_jax.moe.routers import CAUSAL_ROUTERS
 from tmoe_jax.moe.settings import ACTIVATIONS
 from tmoe_jax.moe.smoe import SingleMixtureOfExperts
 from tmoe_jax.moe.statistics import MoEAux
@@ -368,9 +369,16 @@ def build_block(
   )
 
 
-def check_stack_settings(model) -> None:
+def check_block_settings(model) -> None:
   """The checks every model built of these blocks shares (ConfigError naming the `model.*` field):
-  heads that divide d_model, a known position embedding, activation and remat policy."""
+  a known activation and remat policy."""
+  require(model.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
+  require(model.remat in REMATS, "model.remat", f"must be one of {REMATS}, got {model.remat!r}")
+
+
+def check_stack_settings(model) -> None:
+  """`check_block_settings`, and those of the stacks with added position embeddings: heads that
+  divide d_model and a known position embedding."""
   require(
     model.d_model % model.num_heads == 0,
     "model.num_heads",
@@ -381,5 +389,14 @@ def check_stack_settings(model) -> None:
     "model.position_embedding",
     f"must be one of {POSITION_EMBEDDINGS}, got {model.position_embedding!r}",
   )
-  require(model.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
-  require(model.remat in REMATS, "model.remat", f"must be one of {REMATS}, got {model.remat!r}")
+  check_block_settings(model)
+
+
+def check_causal_feed_forward(model) -> None:
+  """A decoder's MoE layers need a causal router: a token's experts may not depend on later tokens."""
+  require(
+    model.ffn != "moe" or model.moe.router in CAUSAL_ROUTERS,
+    "model.router",
+    f"{model.moe.router} is not causal (a token's experts depend on later tokens), so a language "
+    f"model cannot use it; use one of {CAUSAL_ROUTERS}",
+  )

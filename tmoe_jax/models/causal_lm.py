@@ -25,9 +25,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tmoe_jax.attention import QK_NORMS, causal_mask
-from tmoe_jax.models.blocks import FEED_FORWARDS, REMATS, BlockCache, build_block, run_stack
-from tmoe_jax.moe.routers import CAUSAL_ROUTERS
-from tmoe_jax.moe.settings import ACTIVATIONS, HoldsMoESettings, MoEConfig, SMoEConfig
+from tmoe_jax.models.blocks import (
+  FEED_FORWARDS,
+  BlockCache,
+  build_block,
+  check_block_settings,
+  check_causal_feed_forward,
+  run_stack,
+)
+from tmoe_jax.moe.settings import HoldsMoESettings, MoEConfig, SMoEConfig
 from tmoe_jax.moe.statistics import MoEAux
 from tmoe_jax.validation import require
 
@@ -96,17 +102,11 @@ class CausalLMConfig(HoldsMoESettings):
     require(self.qk_norm in QK_NORMS, "model.qk_norm", f"must be one of {QK_NORMS}, got {self.qk_norm!r}")
     require(self.rotary_base > 0, "model.rotary_base", f"must be > 0, got {self.rotary_base}")
     require(self.norm_epsilon > 0, "model.norm_epsilon", f"must be > 0, got {self.norm_epsilon}")
-    require(self.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}")
-    require(self.remat in REMATS, "model.remat", f"must be one of {REMATS}, got {self.remat!r}")
     require(
       0.0 <= self.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {self.dropout_rate}"
     )
-    require(
-      self.ffn != "moe" or self.moe.router in CAUSAL_ROUTERS,
-      "model.router",
-      f"{self.moe.router} is not causal (a token's experts depend on later tokens), so a language "
-      f"model cannot use it; use one of {CAUSAL_ROUTERS}",
-    )
+    check_block_settings(self)
+    check_causal_feed_forward(self)
 
   @property
   def attention_head_size(self) -> int:

@@ -28,8 +28,13 @@ from flax import nnx
 
 from tmoe_jax.attention import causal_mask
 from tmoe_jax.embeddings import PositionEmbedding
-from tmoe_jax.models.blocks import FEED_FORWARDS, build_block, check_stack_settings, run_stack
-from tmoe_jax.moe.routers import CAUSAL_ROUTERS
+from tmoe_jax.models.blocks import (
+  FEED_FORWARDS,
+  build_block,
+  check_causal_feed_forward,
+  check_stack_settings,
+  run_stack,
+)
 from tmoe_jax.moe.settings import HoldsMoESettings, MoEConfig, SMoEConfig
 from tmoe_jax.moe.statistics import MoEAux
 from tmoe_jax.validation import require
@@ -111,12 +116,7 @@ class LanguageModelConfig(HoldsMoESettings):
       "model.d_ff",
       f"must be a multiple of top_k={top_k} (each of the K experts has d_ff / K units), got {self.d_ff}",
     )
-    require(
-      self.ffn != "moe" or self.moe.router in CAUSAL_ROUTERS,
-      "model.router",
-      f"{self.moe.router} is not causal (a token's experts depend on later tokens), so a language "
-      f"model cannot use it; use one of {CAUSAL_ROUTERS}",
-    )
+    check_causal_feed_forward(self)
 
   def _moe_shape(self, top_k: int) -> dict[str, Any]:
     width = ffn_hidden_width("moe", self.d_ff, top_k, self.smoe.keep_rate)
