@@ -130,8 +130,6 @@ def _rotary_base(hf_config: dict[str, Any]) -> float:
 
 def _check_supported(hf_config: dict[str, Any], family: Family) -> None:
   for key, supported, what in UNSUPPORTED:
-    if key == "attention_bias" and family.qkv_bias_key == key:
-      continue
     if not supported(hf_config.get(key)):
       raise CheckpointFormatError(f"config.json: {key}={hf_config[key]!r}: {what} is not supported")
   window = hf_config.get("sliding_window")

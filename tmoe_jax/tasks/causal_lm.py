@@ -117,8 +117,10 @@ class CausalLMTask(Task):
           f"data.sequence_length: the {split} split has {len(ids)} tokens, fewer than one window of "
           f"{data.sequence_length} + 1"
         )
-    if config.init.hf_checkpoint:
-      family_of(read_config(config.init.hf_checkpoint))  # an unusable checkpoint fails before any file
+    # An unusable checkpoint fails here, before any file is written.
+    self.init_family = (
+      family_of(read_config(config.init.hf_checkpoint)) if config.init.hf_checkpoint else None
+    )
     self.restoring = False
 
   def _end_of_text_id(self) -> int | None:
@@ -136,10 +138,8 @@ class CausalLMTask(Task):
     checkpoint = self.config.init.hf_checkpoint
     if checkpoint and not self.restoring:
       # Parameters only: the loop builds a fresh optimizer state around them.
-      family = family_of(read_config(checkpoint))
-      return build_model(
-        self.model_config, parameters_from_hf(read_tensors(checkpoint), self.model_config, family), mesh=mesh
-      )
+      parameters = parameters_from_hf(read_tensors(checkpoint), self.model_config, self.init_family)
+      return build_model(self.model_config, parameters, mesh=mesh)
     return CausalLM(self.model_config, mesh=mesh, rngs=nnx.Rngs(params=self.config.train.seed))
 
   def write_files(self, workdir: pathlib.Path) -> None:

@@ -15,11 +15,10 @@ import math
 from collections.abc import Callable, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from tokenizers import Tokenizer
 
-from tmoe_jax.data import token_corpus
+from tmoe_jax.data import pydoc_corpus, token_corpus
 from tmoe_jax.errors import DataError
 from tmoe_jax.generation import Sampling, generate_texts
 from tmoe_jax.tasks.causal_lm import eval_sums, windows
@@ -78,7 +77,7 @@ class CausalLMRun(LoadedRun):
     length = min(self.sequence_length, len(ids) - 1)
     if length < 1:
       raise DataError("texts: need at least two tokens to score")
-    starts = np.arange((len(ids) - 1) // length) * length
+    starts = pydoc_corpus.consecutive_window_starts(len(ids), length)
     _, params, model_state = nnx.split(self.model, nnx.Param, ...)
     sums = jax.device_get(self._eval_sums(params, model_state, windows(ids, starts, length)))
     return math.exp(float(sums["loss_sum"]) / max(float(sums["num_tokens"]), 1.0))
