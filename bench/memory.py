@@ -5,6 +5,7 @@ Run from the repository root:
                          [--dispatch dense_ffn,capacity,...] [--size medium]
                          [--remat none,full,save_dots,save_dots_no_batch] [--remat-size small]
                          [--mesh 1x1x1,1x2x1,1x4x1,1x8x1,2x2x2]
+                         [--grad-accum 1,4,16] [--grad-accum-batch 256] [--grad-accum-length 32]
 
 Compiles, without running them, two train steps (forward, backward, optimizer update,
 parameters and optimizer state donated) for each expert count:
@@ -17,6 +18,12 @@ and one train step per rematerialisation policy (`model.remat`, `blocks.REMATS`)
               batch), its variant the policy; `residual_bytes` adds what the forward pass
               keeps for the backward pass (the leaves of `jax.vjp`'s backward function, params
               included), which does not depend on how a backend schedules the step,
+one train step per microbatch count (`train.grad_accum_steps`, `training.grad_accumulation`):
+  train_step_grad_accum  the default experiment's step (configs/tmoe.py: model, losses,
+              dropout, optimizer; vocabulary 64) as `tasks.lowering.sharded_train_step` builds
+              it for `python -m train`, on one device, with `--grad-accum-batch` sequences of
+              `--grad-accum-length` source and target tokens, its variant the microbatch count;
+              the batch is an argument of the step, so the saving is in temp_bytes,
 and, per `--mesh` shape (data x fsdp x expert; needs that many devices, e.g.
 XLA_FLAGS=--xla_force_host_platform_device_count=8):
   state_per_device  bytes of parameters + Adam state one device holds for the default
@@ -58,6 +65,7 @@ from tmoe_jax.models.transformer import Transformer, TransformerConfig
 from tmoe_jax.moe.layer import MoEFeedForward
 from tmoe_jax.moe.settings import MoEConfig
 from tmoe_jax.parallel.mesh import make_mesh
+from tmoe_jax.tasks.lowering import sharded_train_step
 from tmoe_jax.tasks.seq2seq import seq2seq_loss
 from tmoe_jax.training.optimizer import make_optimizer
 from tmoe_jax.training.state import count_params, create_train_state, train_state_shardings
@@ -177,6 +185,34 @@ def remat_memory(remat: str, size_name: str) -> dict:
   }
 
 
+def grad_accum_memory(microbatches: int, batch_size: int, length: int) -> dict:
+  """The default experiment's train step on one device, its gradient accumulated over `microbatches`."""
+  config = configs_tmoe.get_config()
+  config.model.max_length = length
+  config.train.batch_size = batch_size
+  config.train.grad_accum_steps = microbatches
+  built = sharded_train_step(config, vocab_size=64, mesh=make_mesh(1, 1))
+  sizes = compiled_memory(built.step, *built.args)
+
+  def run():
+    batch = {
+      name: jnp.ones(shape.shape, shape.dtype, device=shape.sharding) for name, shape in built.batch.items()
+    }
+    return built.step(built.init(), batch)
+
+  return {
+    "step": "train_step_grad_accum",
+    "variant": str(microbatches),
+    "num_experts": built.model_config.moe.num_experts,
+    "tokens": batch_size * 2 * length,
+    "params": count_params(built.state.params),
+    "microbatches": microbatches,
+    "batch_size": batch_size,
+    **sizes,
+    "measured_peak_bytes": measured_peak_bytes(run),
+  }
+
+
 def state_per_device(mesh_shape: str) -> dict:
   """Parameter + optimizer-state bytes on one device of a (data, fsdp, expert) mesh, e.g. "2x2x2"."""
   data, fsdp, expert = (int(size) for size in mesh_shape.split("x"))
@@ -225,12 +261,29 @@ def remat_lines(rows: list[dict]) -> list[str]:
   return lines
 
 
+def grad_accum_lines(rows: list[dict]) -> list[str]:
+  """Per microbatch count: temp and peak bytes, and their share of the one-batch row's."""
+  accum_rows = [row for row in rows if row["step"] == "train_step_grad_accum"]
+  base = next((row for row in accum_rows if row["microbatches"] == 1), None)
+  lines = []
+  for row in accum_rows:
+    line = (
+      f"grad_accum {row['microbatches']} microbatches of {row['batch_size'] // row['microbatches']} rows:"
+    )
+    for key in ("temp_bytes", "peak_bytes"):
+      line += f" {key[: -len('_bytes')]} {row[key] / MIB:,.2f} MiB ({row[key] / 1e6:,.1f} MB)"
+      if base is not None:
+        line += f" ({row[key] / base[key]:.2f}x)"
+    lines.append(line)
+  return lines
+
+
 def growth_lines(rows: list[dict]) -> list[str]:
   """Per (step, variant): peak at the fewest and most experts, and bytes per added expert."""
   lines = []
   groups: dict[tuple[str, str], list[dict]] = {}
   for row in rows:
-    if row["step"] != "train_step_remat":  # one expert count: `remat_lines`
+    if row["step"] not in ("train_step_remat", "train_step_grad_accum"):  # one expert count: their own lines
       groups.setdefault((row["step"], row["variant"]), []).append(row)
   for (step, variant), group in groups.items():
     first, last = min(group, key=lambda r: r["num_experts"]), max(group, key=lambda r: r["num_experts"])
@@ -307,6 +360,15 @@ def main(argv=None) -> int:
   parser.add_argument(
     "--mesh", default="", help="comma-separated data x fsdp x expert meshes for state_per_device, e.g. 1x8x1"
   )
+  parser.add_argument(
+    "--grad-accum",
+    default="1,4,16",
+    help="comma-separated train.grad_accum_steps values for train_step_grad_accum; empty for none",
+  )
+  parser.add_argument("--grad-accum-batch", type=int, default=256, help="train_step_grad_accum batch rows")
+  parser.add_argument(
+    "--grad-accum-length", type=int, default=32, help="train_step_grad_accum source and target tokens"
+  )
   args = parser.parse_args(argv)
   dispatches = [d for d in args.dispatch.split(",") if d]
   unknown = sorted(set(dispatches) - set(moe_layer.DISPATCHES))
@@ -324,6 +386,14 @@ def main(argv=None) -> int:
   if args.tokens < 1 or any(n < moe_layer.TOP_K for n in num_experts_list):
     parser.error(f"--tokens must be >= 1 and every --num-experts >= top_k = {moe_layer.TOP_K}")
 
+  try:
+    # Most microbatches (the smallest step) first: cases run in growing size (`measured_peak_bytes`).
+    microbatch_counts = sorted((int(n) for n in args.grad_accum.split(",") if n), reverse=True)
+  except ValueError:
+    parser.error(f"--grad-accum: comma-separated integers, got {args.grad_accum!r}")
+  if args.grad_accum_batch < 1 or args.grad_accum_length < 1 or any(n < 1 for n in microbatch_counts):
+    parser.error("--grad-accum counts, --grad-accum-batch and --grad-accum-length must be >= 1")
+
   log = lambda message: print(message, flush=True)
   log(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind})")
   rows = []
@@ -339,6 +409,12 @@ def main(argv=None) -> int:
   for remat in remats:
     rows.append(remat_memory(remat, args.remat_size))
     log(f"  train_step_remat {args.remat_size} remat={remat}: temp {rows[-1]['temp_bytes'] / MIB:,.1f} MiB")
+  for microbatches in microbatch_counts:
+    rows.append(grad_accum_memory(microbatches, args.grad_accum_batch, args.grad_accum_length))
+    log(
+      f"  train_step_grad_accum batch {args.grad_accum_batch}x{args.grad_accum_length} "
+      f"microbatches={microbatches}: temp {rows[-1]['temp_bytes'] / MIB:,.1f} MiB"
+    )
   for mesh_shape in [shape for shape in args.mesh.split(",") if shape]:
     rows.append(state_per_device(mesh_shape))
     row = rows[-1]
@@ -346,7 +422,7 @@ def main(argv=None) -> int:
     log(f"  state_per_device {mesh_shape}: {row['device_state_bytes'] / MIB:,.2f} MiB ({share:.3f} of all)")
   compiled = [row for row in rows if "peak_bytes" in row]
   print(markdown_table(compiled))
-  print("\n".join(growth_lines(compiled) + remat_lines(compiled)))
+  print("\n".join(growth_lines(compiled) + remat_lines(compiled) + grad_accum_lines(compiled)))
   if args.json:
     if args.update and os.path.exists(args.json):
       with open(args.json) as f:

@@ -139,7 +139,7 @@ def test_train_step_main_writes_rows(tmp_path):
 def test_memory_main_writes_rows(tmp_path):
   path = tmp_path / "memory.json"
   argv = ["--num-experts", "2,4", "--tokens", "16", "--dispatch", "dense_ffn,capacity", "--size", "tiny"]
-  argv += ["--remat", "none,full", "--remat-size", "tiny"]
+  argv += ["--remat", "none,full", "--remat-size", "tiny", "--grad-accum", ""]
   assert memory.main(argv + ["--json", str(path)]) == 0
   rows = json.loads(path.read_text())
   assert [(r["step"], r["variant"], r["num_experts"]) for r in rows] == [
@@ -168,13 +168,42 @@ def test_memory_main_writes_rows(tmp_path):
 
 def test_memory_update_replaces_the_rows_run_again(tmp_path):
   path = tmp_path / "memory.json"
-  argv = ["--dispatch", "", "--size", "", "--remat-size", "tiny", "--json", str(path)]
+  argv = ["--dispatch", "", "--size", "", "--remat-size", "tiny", "--grad-accum", "", "--json", str(path)]
   assert memory.main(argv + ["--remat", "none,full"]) == 0
   old = json.loads(path.read_text())
   assert memory.main(argv + ["--remat", "full,save_dots", "--update"]) == 0
   rows = json.loads(path.read_text())
   assert [r["variant"] for r in rows] == ["none", "full", "save_dots"]
   assert rows[0] == old[0]
+
+
+def test_memory_grad_accum_rows(tmp_path):
+  """The default experiment's step (`tasks.lowering.sharded_train_step`) per microbatch count, on a
+  small batch: the same arguments, less temporary memory in 4 microbatches."""
+  path = tmp_path / "memory.json"
+  argv = ["--dispatch", "", "--size", "", "--remat", "", "--json", str(path)]
+  argv += ["--grad-accum", "1,4", "--grad-accum-batch", "64", "--grad-accum-length", "8"]
+  assert memory.main(argv) == 0
+  rows = json.loads(path.read_text())
+  # Run in growing size: most microbatches first.
+  assert [(r["step"], r["variant"], r["microbatches"]) for r in rows] == [
+    ("train_step_grad_accum", "4", 4),
+    ("train_step_grad_accum", "1", 1),
+  ]
+  four, one = rows
+  for row in rows:
+    assert MEMORY_KEYS <= row.keys()
+    assert row["tokens"] == 64 * 2 * 8 and row["batch_size"] == 64 and row["num_experts"] == 4
+    assert (
+      row["peak_bytes"]
+      == row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + row["temp_bytes"]
+    )
+    assert row["measured_peak_bytes"] is None
+  assert four["argument_bytes"] == one["argument_bytes"] and four["params"] == one["params"]
+  assert four["temp_bytes"] < one["temp_bytes"]
+  lines = memory.grad_accum_lines(rows)
+  assert lines[0].startswith("grad_accum 4 microbatches of 16 rows:")
+  assert lines[1].startswith("grad_accum 1 microbatches of 64 rows:") and "(1.00x)" in lines[1]
 
 
 def test_plot_time_per_token(tmp_path):

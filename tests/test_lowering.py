@@ -13,10 +13,12 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import tmoe
+from tmoe_jax.errors import ConfigError
 from tmoe_jax.moe import dropless
 from tmoe_jax.moe import expert_parallel as expert_parallel_module
 from tmoe_jax.parallel.mesh import make_mesh
@@ -166,6 +168,46 @@ def test_ops_found_counts_each_op_once_per_instance():
     "ragged_dot": 1,
     "custom_call": 1,
   }
+
+
+def _accumulating(grad_accum_steps: int) -> lowering.ShardedTrainStep:
+  config = _config("capacity", (1, 1), 4)
+  # No randomness in training: the accumulated update must equal the one-batch update.
+  config.model.update(dropout_rate=0.0, attention_dropout_rate=0.0, sequences_per_group=2)
+  config.train.grad_accum_steps = grad_accum_steps
+  return lowering.sharded_train_step(config, vocab_size=32, mesh=make_mesh(1, 1))
+
+
+def test_train_step_accumulates_gradients_as_the_loop_does():
+  """`train.grad_accum_steps` reaches the step (`grad_accumulation.microbatch_plan`, as in
+  `training.loop`): 2 microbatches scan over the batch and give the one-batch update."""
+  one, two = _accumulating(1), _accumulating(2)
+  assert (one.microbatches, two.microbatches) == (1, 2)
+  loops = [
+    lowering.ops_found(built.step.lower(*built.args).as_text()).get("while", 0) for built in (one, two)
+  ]
+  assert loops[1] > loops[0], loops  # the microbatch scans (measuring pass and gradient pass)
+  rng = np.random.default_rng(0)
+  batch = {
+    name: jax.device_put(rng.integers(1, 32, size=shape.shape).astype(np.int32), shape.sharding)
+    for name, shape in one.batch.items()
+  }
+  (state_one, metrics_one), (state_two, metrics_two) = (
+    built.step(built.init(), batch) for built in (one, two)
+  )
+  for name in ("loss", "load_balancing_loss", "router_z_loss", "grad_norm"):
+    np.testing.assert_allclose(metrics_two[name], metrics_one[name], rtol=1e-5, err_msg=name)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state_two.params, state_one.params
+  )
+
+
+def test_train_step_refuses_the_microbatches_the_loop_refuses():
+  with pytest.raises(ConfigError, match="train.grad_accum_steps: must divide train.batch_size=16, got 3"):
+    _accumulating(3)
+  # 16 microbatches of 1 row cannot hold whole routing groups of 2 rows.
+  with pytest.raises(ConfigError, match="model.sequences_per_group: must divide the microbatch of 1 rows"):
+    _accumulating(16)
 
 
 def test_lower_train_step_reports_a_failed_lowering_instead_of_raising(monkeypatch):

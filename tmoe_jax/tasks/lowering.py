@@ -53,7 +53,7 @@ from tmoe_jax.parallel import sharding
 from tmoe_jax.parallel.mesh import check_batch_divisible, mesh_from_config
 from tmoe_jax.parallel.platform import lowering_for
 from tmoe_jax.tasks import seq2seq
-from tmoe_jax.training import steps
+from tmoe_jax.training import grad_accumulation, steps
 from tmoe_jax.training.optimizer import make_optimizer, make_schedule
 from tmoe_jax.training.state import TrainState, create_train_state, train_state_shardings
 
@@ -101,6 +101,8 @@ class ShardedTrainStep:
   batch: {"source": [B, S], "decoder_input": [B, L], "target": [B, L]} int32
     ShapeDtypeStructs split over every device.
   model_config: the Transformer's settings (e.g. for `bench.train_step.train_flops_per_step`).
+  microbatches: how many microbatches the step accumulates its gradient over
+    (`grad_accumulation.microbatch_plan`: `train.grad_accum_steps`; 1 = one batch).
   """
 
   step: Callable
@@ -111,6 +113,7 @@ class ShardedTrainStep:
   mesh: Mesh
   graphdef: nnx.GraphDef
   model_config: TransformerConfig
+  microbatches: int = 1
 
   @property
   def args(self) -> tuple[TrainState, dict[str, jax.ShapeDtypeStruct]]:
@@ -139,11 +142,14 @@ def sharded_train_step(
 
   `mesh` defaults to `mesh_from_config(config.mesh)` over the local
   devices; lengths default to `config.model.max_length`; the batch has
-  `config.train.batch_size` rows.
+  `config.train.batch_size` rows. `train.grad_accum_steps` = N accumulates the
+  gradient over N microbatches as the loop does (`grad_accumulation.microbatch_plan`,
+  whose ConfigError a setting it forbids raises here too).
   """
   mesh = mesh_from_config(config.mesh) if mesh is None else mesh
   train_config = config.train
   check_batch_divisible(train_config.batch_size, mesh)
+  microbatches, group_rows = grad_accumulation.microbatch_plan(config, mesh)
   model_config = TransformerConfig.from_config(config.model, vocab_size=vocab_size)
   optimizer = make_optimizer(train_config)
   graphdefs = []
@@ -167,6 +173,8 @@ def sharded_train_step(
       functools.partial(seq2seq.seq2seq_loss, label_smoothing=train_config.label_smoothing),
       state_shardings=state_shardings,
       mesh=mesh,
+      microbatches=microbatches,
+      group_rows=group_rows,
     )
 
   batch_sharding = sharding.batch_sharding(mesh)
@@ -188,6 +196,7 @@ def sharded_train_step(
     mesh=mesh,
     graphdef=graphdef,
     model_config=model_config,
+    microbatches=microbatches,
   )
 
 
