@@ -3,8 +3,9 @@
 Every step draws a fresh batch of 1,000 points x ~ N(0, I_10) (a pure function
 of (train.seed, step)); the target is sum_i x_i^2 and the loss the mean squared
 error. Five MLP experts 10 -> 32 -> 1 are mixed by a softmax gate; Adam, lr
-1e-3. The run reports `test_mse` on 10,000 held-out points (another random
-stream, fixed by data.seed) and writes loss_curve.png.
+1e-3. The run evaluates as many validation points (a third stream) during training,
+reports `test_mse` on 10,000 held-out points (another random stream, fixed by data.seed),
+scored once at the end, and writes loss_curve.png.
 
 Run the three variants:
   python -m train --config configs/regression.py --workdir runs/regression

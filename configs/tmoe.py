@@ -57,4 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.seed = 0
   config.data.num_train = 50_000
   config.data.num_test = 2_000
+  # Drawn from dates held out of training (5 % of them), evaluated every train.eval_every steps;
+  # the test dates are scored once, at the end.
+  config.data.num_validation = 1_000
   return config

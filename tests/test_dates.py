@@ -260,8 +260,12 @@ def test_rejects_bad_arguments():
     dates.format_date(datetime.datetime(2000, 1, 1), "compact")
   with pytest.raises(ValueError, match="num_examples must be >= 0"):
     dates.generate_examples(0, -1, "train")
-  with pytest.raises(ValueError, match="valid splits are: train, test"):
-    dates.generate_examples(0, 1, "validation")
+  with pytest.raises(ValueError, match="valid splits are: train, validation, test"):
+    dates.generate_examples(0, 1, "dev")
+  with pytest.raises(ValueError, match="'validation' exists only with with_validation=True"):
+    dates.generate_examples(0, 1, "validation", with_validation=False)
+  with pytest.raises(ValueError, match="num_validation"):
+    dates.make_splits(0, 1, 1, -2)
   with pytest.raises(ValueError, match="seed"):
     dates.generate_examples(-3, 1, "train")
   with pytest.raises(ValueError, match="num_test"):
@@ -273,7 +277,7 @@ def test_rejects_bad_arguments():
 
 
 def test_date_split_partitions_range_with_sane_fraction():
-  train = set(dates.split_dates("train"))
+  train = set(dates.split_dates("train", with_validation=False))
   test = set(dates.split_dates("test"))
   assert not train & test
   assert train | test == set(ALL_DATES)
@@ -282,6 +286,26 @@ def test_date_split_partitions_range_with_sane_fraction():
   # Held-out dates are spread over the whole range, not one block.
   years = {d.year for d in test}
   assert len(years) == 100
+
+
+def test_validation_dates_leave_training_and_never_touch_test():
+  train = set(dates.split_dates("train"))
+  validation = set(dates.split_dates("validation"))
+  test = set(dates.split_dates("test"))
+  assert not (train & validation or train & test or validation & test)
+  assert train | validation | test == set(ALL_DATES)
+  # Test dates are the same with or without a validation split; validation comes out of train.
+  assert test == set(dates.split_dates("test", with_validation=False))
+  assert train | validation == set(dates.split_dates("train", with_validation=False))
+  assert 0.03 < len(validation) / len(ALL_DATES) < 0.07
+  splits = dates.make_splits(0, 2_000, 100, 500)
+  assert set(splits) == {"train", "validation", "test"}
+  for split, wanted in (("train", train), ("validation", validation)):
+    assert {datetime.date.fromisoformat(t) for t in splits[split][1]} <= wanted
+  # Without a validation split, training keeps every non-test date (old runs resume unchanged).
+  assert dates.make_splits(0, 300, 50)["train"] == dates.generate_examples(
+    0, 300, "train", with_validation=False
+  )
 
 
 def test_determinism():
@@ -308,7 +332,7 @@ def test_generated_examples_are_correct_and_disjoint():
       matches = parse_any(source)
       assert matches == [(matches[0][0], date)], (source, target, matches)
       assert len(source) <= dates.MAX_SOURCE_LENGTH
-      assert (date in test_dates) == (split == "test")
+      assert (date in test_dates) == (split == "test")  # no validation split here: train is the rest
       styles[matches[0][0]] += 1
       split_dates.add(date)
     # All styles appear, roughly uniformly.

@@ -138,7 +138,7 @@ def expect_usage_error(main, argv, capsys, message):
 @pytest.mark.parametrize(
   "extra_args, message",
   [
-    (["--split", "dev"], "--split: unknown split 'dev'; data 'dates' has ['test', 'train']"),
+    (["--split", "dev"], "--split: unknown split 'dev'; data 'dates' has ['test', 'train', 'validation']"),
     (["--step", "3"], "no checkpoint at step 3; available: [2, 4]"),
     (["--config.model.d_model=16"], "model.d_model: only eval.* fields can be changed"),
     (
@@ -339,7 +339,11 @@ def test_evaluate_another_split_of_a_sentence_pair_run(task_run):
 @pytest.mark.parametrize(
   "task_name, args, message",
   [
-    ("regression", ["--split", "validation"], "split 'validation': the regression task has only ('test',)"),
+    (
+      "regression",
+      ["--split", "train"],
+      "split 'train': the regression task has only ('validation', 'test')",
+    ),
     (
       "language_model",
       ["--split", "test"],

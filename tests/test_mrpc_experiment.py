@@ -111,8 +111,10 @@ def test_smoke_train_evaluate_with_labelled_test_split(data_dir, tmp_path):
   assert vocabulary["kind"] == "tmoe_jax.WordVocabulary" and "w0" in vocabulary["words"]
   assert (tmp_path / "checkpoints" / "4").is_dir() and (tmp_path / "loss_curve.png").is_file()
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  # The weights after 2 updates are scored inside the 3rd step, after the evaluation at step 2.
-  assert [r["selected_step"] for r in rows if r["split"] == "dev"] == [-1, 2]
+  # During training only the carved validation split is evaluated; dev once, at the end. The
+  # weights after 2 updates are scored inside the 3rd step, after the evaluation at step 2.
+  assert [(r["step"], r["selected_step"]) for r in rows if r["split"] == "validation"] == [(2, -1)]
+  assert [(r["step"], r["selected_step"]) for r in rows if r["split"] == "dev"] == [(4, 2)]
 
   # The saved vocabulary is checked against the data when the run is resumed or loaded.
   reloaded = sp.SentencePairTask(config)
@@ -257,14 +259,26 @@ def test_sweep_smoke(data_dir, tmp_path):
     sweep_mrpc.Setting("tiny_mlp", "MLP, no dropout", {"expert_type": "mlp", "dropout_rate": 0.0}),
     sweep_mrpc.Setting("tiny_cnn", "CNN, 2 experts", {"expert_type": "cnn", "num_experts": 2}),
   )
-  rows = sweep_mrpc.run_sweep(config, tmp_path, settings)
-  assert [row["setting"].name for row in rows] == ["tiny_mlp", "tiny_cnn"]
+  rows = sweep_mrpc.run_sweep(config, tmp_path, settings[:1]) + sweep_mrpc.run_sweep(
+    config, tmp_path, settings[1:], seeds=(0, 1)
+  )
+  assert [(row["setting"].name, row["seed"]) for row in rows] == [
+    ("tiny_mlp", 0),
+    ("tiny_cnn", 0),
+    ("tiny_cnn", 1),
+  ]
   assert rows[0]["config"].model.expert_type == "mlp" and config.model.expert_type == "cnn"  # base untouched
   table = sweep_mrpc.markdown_table(rows)
-  assert "| tiny_mlp | mlp | 2 x 8 | 0.0 |" in table and "| tiny_cnn | cnn | 2 x 8 | 0.1 |" in table
-  assert "majority class" in table and "| original PyTorch project, best | | | | 66.6 |" in table
-  assert f"--config.model.num_experts=2 --workdir {tmp_path / 'tiny_cnn'}" in table
-  assert (tmp_path / "tiny_cnn" / "results.txt").is_file()
+  accuracies = [100 * row["results"]["dev_accuracy"] for row in rows[1:]]
+  mean, sd = np.mean(accuracies), np.std(accuracies, ddof=1)
+  each = " / ".join(f"{value:.1f}" for value in accuracies)
+  assert f"| tiny_cnn | cnn | 2 x 8 | 0.1 | 0, 1 | {mean:.1f} +- {sd:.1f} ({each}) |" in table
+  assert f"| tiny_mlp | mlp | 2 x 8 | 0.0 | 0 | {100 * rows[0]['results']['dev_accuracy']:.1f} |" in table
+  assert "majority class" in table and "| original PyTorch project, best | | | | | 66.6 |" in table
+  assert f"--config.train.seed=1 --workdir {tmp_path / 'tiny_cnn' / 'seed1'}" in table
+  assert (tmp_path / "tiny_cnn" / "seed1" / "results.txt").is_file()
+  with pytest.raises(ConfigError, match="--seeds"):
+    sweep_mrpc.parse_seeds("0,0")
   # The table's settings all exist in the config; --only rejects unknown names.
   for setting in sweep_mrpc.SETTINGS:
     sweep_mrpc.setting_config(mrpc_moe.get_config(), setting)

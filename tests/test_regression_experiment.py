@@ -8,6 +8,7 @@ Shapes: N points, I inputs, H hidden, E experts, K experts per point.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -228,5 +229,13 @@ def test_evaluator_is_the_mean_over_held_out_points_without_padding(model):
   np.testing.assert_allclose(result["mse"], squared.mean(), rtol=1e-5)
   assert result["loss"] == result["mse"]
   np.testing.assert_allclose(evaluator(state, "test", 10)["mse"], squared[:10].mean(), rtol=1e-5)
-  with pytest.raises(DataError, match="'validation'"):
-    evaluator(state, "validation", None)
+  with pytest.raises(DataError, match="'train'"):
+    evaluator(state, "train", None)
+
+
+def test_validation_points_are_another_stream_of_the_same_size():
+  task = RegressionTask(_tiny_config())
+  validation, test = task.splits["validation"], task.splits["test"]
+  chex.assert_equal_shape([validation["x"], test["x"]])
+  assert not np.any(np.isclose(validation["x"][:, None, :], test["x"][None]).all(-1))
+  assert task.validation_split == "validation" and task.eval_split == "test"

@@ -140,6 +140,23 @@ def test_restoring_into_a_different_model_shape_names_the_checkpoint(tmp_path):
     checkpointing.restore(manager, checkpointing.abstract_like(other_state))
 
 
+def test_training_evaluates_validation_only_and_test_once_at_the_end(tmp_path, capsys):
+  config = tiny_config(num_steps=4)
+  config.train.eval_every = 2
+  config.data.num_validation = 16
+  runner.train(config, tmp_path / "with_validation")
+  rows = reporting.read_metrics(tmp_path / "with_validation")
+  assert [(r["step"], r["split"]) for r in rows if r["split"] != "train"] == [(2, "validation"), (4, "test")]
+
+  config.data.num_validation = 0  # no validation split: nothing is looked at during training
+  runner.train(config, tmp_path / "without")
+  rows = reporting.read_metrics(tmp_path / "without")
+  assert [(r["step"], r["split"]) for r in rows if r["split"] != "train"] == [(4, "test")]
+  assert (
+    "this run has no validation split, so nothing is evaluated during training" in capsys.readouterr().out
+  )
+
+
 def resumable_config(num_steps):
   # A constant schedule: cosine decay depends on num_steps, which differs between the legs.
   return tiny_config(num_steps=num_steps, schedule="constant")

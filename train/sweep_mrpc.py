@@ -1,11 +1,14 @@
-"""Re-run the original MRPC project's table: python -m train.sweep_mrpc [--data-dir DIR] [--workdir ROOT] [--out table.md]
+"""Re-run the original MRPC project's table:
+python -m train.sweep_mrpc [--data-dir DIR] [--workdir ROOT] [--out table.md] [--seeds 0,1,2]
 
 Trains configs/mrpc_moe.py once per setting of the original PyTorch project's table
 (MLP experts 4 x 256 and 10 x 512, each without and with dropout; RNN experts; CNN
-experts), one after the other through the shared training loop, each in
-ROOT/<setting> (default ROOT: runs/sweep_mrpc), and writes a markdown table of dev
-accuracy and F1 per setting, with the majority-class baseline and the original's
-best result (66.6 % dev accuracy) as rows, and the command that reproduces each row.
+experts) and training seed (`train.seed`: initialisation, batches, dropout; the pairs
+held out for selection stay those of `data.seed`), one after the other through the shared
+training loop, each in ROOT/<setting>/seed<S> (default ROOT: runs/sweep_mrpc), and writes a
+markdown table of dev accuracy and F1 per setting (mean +- standard deviation over the
+seeds, and each seed's value), with the majority-class baseline and the original's best
+result (66.6 % dev accuracy) as rows, and the command that reproduces each run.
 A setting whose workdir already holds a finished run resumes it (no training) and
 reports it again. `--only NAME,NAME` runs a subset. Bad input stops with one message
 and exit code 2.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -70,12 +74,13 @@ def setting_config(base_config, setting: Setting):
 
 
 def command_line(config, setting: Setting, workdir: pathlib.Path) -> str:
-  """The `python -m train` command that trains this row alone."""
+  """The `python -m train` command that trains this run alone."""
   parts = ["python -m train", f"--config {CONFIG_PATH}"]
   for field in ("dir", "tfds_data_dir"):
     if config.data[field]:
       parts.append(f"--config.data.{field}={config.data[field]}")
   parts += [f"--config.model.{field}={value}" for field, value in setting.model_overrides.items()]
+  parts.append(f"--config.train.seed={config.train.seed}")
   parts.append(f"--workdir {workdir}")
   return " ".join(parts)
 
@@ -85,9 +90,11 @@ def run_sweep(
   root: pathlib.Path,
   settings: Sequence[Setting] = SETTINGS,
   *,
+  seeds: Sequence[int] = (0,),
   train_fn: Callable | None = None,
 ) -> list[dict[str, Any]]:
-  """Trains every setting in turn (ROOT/<name>); returns per setting its results, wall time and command."""
+  """Trains every setting and seed in turn (ROOT/<name>/seed<S>); returns per run its setting,
+  seed, config, results, wall time and command."""
   from tmoe_jax.tasks.sentence_pair import SentencePairTask
   from tmoe_jax.training import loop
 
@@ -96,26 +103,29 @@ def run_sweep(
   )
   rows = []
   for setting in settings:
-    config = setting_config(base_config, setting)
-    workdir = root / setting.name
-    print(f"== {setting.name}: {setting.description} -> {workdir}", flush=True)
-    start = time.perf_counter()
-    results = train_fn(config, workdir)
-    wall = time.perf_counter() - start
-    print(
-      f"== {setting.name}: dev accuracy {results['dev_accuracy']:.4f}, F1 {results['dev_f1']:.4f}, "
-      f"{wall:.0f} s",
-      flush=True,
-    )
-    rows.append(
-      {
-        "setting": setting,
-        "config": config,
-        "results": results,
-        "wall_seconds": wall,
-        "command": command_line(config, setting, workdir),
-      }
-    )
+    for seed in seeds:
+      config = setting_config(base_config, setting)
+      config.train.seed = seed
+      workdir = root / setting.name / f"seed{seed}"
+      print(f"== {setting.name}, seed {seed}: {setting.description} -> {workdir}", flush=True)
+      start = time.perf_counter()
+      results = train_fn(config, workdir)
+      wall = time.perf_counter() - start
+      print(
+        f"== {setting.name}, seed {seed}: dev accuracy {results['dev_accuracy']:.4f}, "
+        f"F1 {results['dev_f1']:.4f}, {wall:.0f} s",
+        flush=True,
+      )
+      rows.append(
+        {
+          "setting": setting,
+          "seed": seed,
+          "config": config,
+          "results": results,
+          "wall_seconds": wall,
+          "command": command_line(config, setting, workdir),
+        }
+      )
   return rows
 
 
@@ -123,35 +133,52 @@ def _percent(value: float) -> str:
   return f"{100 * value:.1f}"
 
 
+def spread(values: Sequence[float]) -> str:
+  """'mean +- sd (v1 / v2 / ...)' in %, the sample standard deviation; one value alone as it is."""
+  if len(values) == 1:
+    return _percent(values[0])
+  each = " / ".join(_percent(value) for value in values)
+  return f"{_percent(statistics.mean(values))} +- {_percent(statistics.stdev(values))} ({each})"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-  """The sweep's table (dev accuracy / F1 in %), baseline and original rows last, then the commands."""
+  """The sweep's table, one line per setting over its seeds (dev accuracy / F1 in %), baseline and
+  original rows last, then the commands."""
   lines = [
     (
-      "| setting | expert type | experts x hidden | dropout | dev accuracy % | dev F1 % "
+      "| setting | expert type | experts x hidden | dropout | seeds | dev accuracy % | dev F1 % "
       "| selected step (validation accuracy %) | train s | wall s |"
     ),
-    "|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
+  by_setting: dict[str, list[dict[str, Any]]] = {}
   for row in rows:
-    model, results = row["config"].model, row["results"]
+    by_setting.setdefault(row["setting"].name, []).append(row)
+  for name, runs in by_setting.items():
+    model = runs[0]["config"].model
+    results = [run["results"] for run in runs]
     expert = f"{model.expert_type} ({model.rnn_cell})" if model.expert_type == "rnn" else model.expert_type
+    selected = ", ".join(
+      f"{r['selected_step']} ({_percent(r['selected_validation_accuracy'])})" for r in results
+    )
     lines.append(
-      f"| {row['setting'].name} | {expert} | {model.num_experts} x {model.hidden_size} | {model.dropout_rate} "
-      f"| {_percent(results['dev_accuracy'])} | {_percent(results['dev_f1'])} "
-      f"| {results['selected_step']} ({_percent(results['selected_validation_accuracy'])}) "
-      f"| {results['train_time_seconds']:.0f} | {row['wall_seconds']:.0f} |"
+      f"| {name} | {expert} | {model.num_experts} x {model.hidden_size} | {model.dropout_rate} "
+      f"| {', '.join(str(run['seed']) for run in runs)} "
+      f"| {spread([r['dev_accuracy'] for r in results])} | {spread([r['dev_f1'] for r in results])} "
+      f"| {selected} | {sum(r['train_time_seconds'] for r in results):.0f} "
+      f"| {sum(run['wall_seconds'] for run in runs):.0f} |"
     )
   if rows:
     baseline = rows[0]["results"]
     lines.append(
-      f"| majority class (always paraphrase) | | | | {_percent(baseline['majority_baseline_accuracy'])} "
+      f"| majority class (always paraphrase) | | | | | {_percent(baseline['majority_baseline_accuracy'])} "
       f"| {_percent(baseline['majority_baseline_f1'])} | | | |"
     )
   lines.append(
-    f"| original PyTorch project, best | | | | {_percent(ORIGINAL_BEST_DEV_ACCURACY)} | n/a | | | |"
+    f"| original PyTorch project, best | | | | | {_percent(ORIGINAL_BEST_DEV_ACCURACY)} | n/a | | | |"
   )
-  lines += ["", "Commands (each row alone):", ""]
-  lines += [f"- {row['setting'].name}: `{row['command']}`" for row in rows]
+  lines += ["", "Commands (each run alone):", ""]
+  lines += [f"- {row['setting'].name}, seed {row['seed']}: `{row['command']}`" for row in rows]
   return "\n".join(lines) + "\n"
 
 
@@ -164,6 +191,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     "--workdir", default=str(DEFAULT_ROOT), help=f"root of the runs (default {DEFAULT_ROOT})"
   )
   parser.add_argument("--out", default=None, help="markdown table to write (default ROOT/table.md)")
+  parser.add_argument("--seeds", default="0", help="comma-separated train.seed values (default 0)")
   parser.add_argument(
     "--only", default="", help=f"comma-separated settings to run (default all: {', '.join(SETTINGS_BY_NAME)})"
   )
@@ -182,6 +210,18 @@ def selected_settings(only: str) -> tuple[Setting, ...]:
   return tuple(SETTINGS_BY_NAME[name] for name in names)
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+  from tmoe_jax.errors import ConfigError
+
+  try:
+    seeds = tuple(int(part) for part in text.split(",") if part.strip())
+  except ValueError:
+    raise ConfigError(f"--seeds: comma-separated integers >= 0, got {text!r}") from None
+  if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    raise ConfigError(f"--seeds: distinct integers >= 0, got {text!r}")
+  return seeds
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from absl import logging
@@ -197,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   root = pathlib.Path(args.workdir)
   out = pathlib.Path(args.out) if args.out else root / "table.md"
   try:
-    rows = run_sweep(config, root, selected_settings(args.only))
+    rows = run_sweep(config, root, selected_settings(args.only), seeds=parse_seeds(args.seeds))
   except TmoeError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(USAGE_ERROR)

@@ -27,7 +27,10 @@ strings: a date belongs to the test set iff a BLAKE2b hash of its proleptic
 Gregorian ordinal falls into a fixed bucket holding ~10% of the hash range.
 The assignment therefore depends on neither the seed nor Python's salted
 ``hash()``, and a model cannot pass the test split by memorising a date it
-saw in another style during training.  Within a split, examples are drawn
+saw in another style during training.  A run that asks for a validation
+split (``num_validation > 0``) gets the dates of a second bucket (~5%),
+which then leave the training split, so that choices made while training
+look at neither the test dates nor the training dates.  Within a split, examples are drawn
 uniformly over that split's dates, the styles and each style's case
 variants, from ``np.random.default_rng([seed, split_id])``, so the data are
 a deterministic function of ``(seed, split, num_examples)``.
@@ -50,12 +53,14 @@ MAX_SOURCE_LENGTH = 29
 # len("YYYY-MM-DD")
 TARGET_LENGTH = 10
 
-# A date is held out iff its hash bucket is < TEST_BUCKETS out of NUM_BUCKETS.
+# A date is held out for test iff its hash bucket is < TEST_BUCKETS out of NUM_BUCKETS, and for
+# validation (when a run has one) iff it is in the next VALIDATION_BUCKETS.
 NUM_BUCKETS = 1000
 TEST_BUCKETS = 100
+VALIDATION_BUCKETS = 50
 
-SPLITS = ("train", "test")
-_SPLIT_IDS = {"train": 0, "test": 1}
+SPLITS = ("train", "validation", "test")
+_SPLIT_IDS = {"train": 0, "test": 1, "validation": 2}
 
 # Own name tables rather than strftime("%B"), which depends on the locale.
 _MONTHS = (
@@ -212,25 +217,40 @@ def is_test_date(date: datetime.date) -> bool:
   return date_bucket(date) < TEST_BUCKETS
 
 
+def date_split(date: datetime.date, *, with_validation: bool) -> str:
+  """The split ``date`` belongs to; without a validation split its dates are training dates."""
+  bucket = date_bucket(date)
+  if bucket < TEST_BUCKETS:
+    return "test"
+  if with_validation and bucket < TEST_BUCKETS + VALIDATION_BUCKETS:
+    return "validation"
+  return "train"
+
+
 @functools.cache
-def _split_ordinals(split: str) -> np.ndarray:
+def _split_ordinals(split: str, with_validation: bool) -> np.ndarray:
   first, last = MIN_DATE.toordinal(), MAX_DATE.toordinal()
-  want_test = split == "test"
   return np.array(
-    [o for o in range(first, last + 1) if is_test_date(datetime.date.fromordinal(o)) == want_test],
+    [
+      o
+      for o in range(first, last + 1)
+      if date_split(datetime.date.fromordinal(o), with_validation=with_validation) == split
+    ],
     dtype=np.int64,
   )
 
 
-def _check_split(split: str) -> None:
+def _check_split(split: str, with_validation: bool) -> None:
   if split not in _SPLIT_IDS:
     raise ValueError(f"unknown split {split!r}; valid splits are: " + ", ".join(SPLITS))
+  if split == "validation" and not with_validation:
+    raise ValueError("split 'validation' exists only with with_validation=True")
 
 
-def split_dates(split: str) -> list[datetime.date]:
-  """All dates of a split, in calendar order."""
-  _check_split(split)
-  return [datetime.date.fromordinal(int(o)) for o in _split_ordinals(split)]
+def split_dates(split: str, *, with_validation: bool = True) -> list[datetime.date]:
+  """All dates of a split, in calendar order (the training dates lose the validation ones if it exists)."""
+  _check_split(split, with_validation)
+  return [datetime.date.fromordinal(int(o)) for o in _split_ordinals(split, with_validation)]
 
 
 def _check_count(name: str, value: int) -> None:
@@ -240,18 +260,20 @@ def _check_count(name: str, value: int) -> None:
     raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def generate_examples(seed: int, num_examples: int, split: str) -> tuple[list[str], list[str]]:
+def generate_examples(
+  seed: int, num_examples: int, split: str, *, with_validation: bool = True
+) -> tuple[list[str], list[str]]:
   """Draws ``num_examples`` (source, target) pairs from one split.
 
   Dates are uniform over the split's dates, styles uniform over
   ``DATE_FORMATS`` and case variants uniform per style; the result is a
-  deterministic function of ``(seed, num_examples, split)``.
+  deterministic function of ``(seed, num_examples, split, with_validation)``.
   """
   _check_count("seed", seed)
   _check_count("num_examples", num_examples)
-  _check_split(split)
+  _check_split(split, with_validation)
   rng = np.random.default_rng([int(seed), _SPLIT_IDS[split]])
-  ordinals = _split_ordinals(split)
+  ordinals = _split_ordinals(split, with_validation)
   date_idx = rng.integers(len(ordinals), size=num_examples)
   style_idx = rng.integers(len(DATE_FORMATS), size=num_examples)
   # One uniform draw per example picks the case variant; drawing it
@@ -269,11 +291,18 @@ def generate_examples(seed: int, num_examples: int, split: str) -> tuple[list[st
   return sources, targets
 
 
-def make_splits(seed: int, num_train: int, num_test: int) -> dict[str, tuple[list[str], list[str]]]:
-  """``{'train': (sources, targets), 'test': (sources, targets)}``."""
+def make_splits(
+  seed: int, num_train: int, num_test: int, num_validation: int = 0
+) -> dict[str, tuple[list[str], list[str]]]:
+  """``{split: (sources, targets)}`` for 'train', 'test' and, when ``num_validation > 0``,
+  'validation' (whose dates then leave the training split)."""
   _check_count("num_train", num_train)
   _check_count("num_test", num_test)
+  _check_count("num_validation", num_validation)
+  with_validation = num_validation > 0
+  sizes = {"train": num_train, "validation": num_validation, "test": num_test}
   return {
-    "train": generate_examples(seed, num_train, "train"),
-    "test": generate_examples(seed, num_test, "test"),
+    split: generate_examples(seed, size, split, with_validation=with_validation)
+    for split, size in sizes.items()
+    if split != "validation" or with_validation
   }

@@ -22,6 +22,12 @@ DATES_FIELDS: tuple[FieldRule, ...] = (
   ("seed", int, lambda v: v >= 0, ">= 0"),
   ("num_train", int, lambda v: v >= 1, ">= 1"),
   ("num_test", int, lambda v: v >= 1, ">= 1"),
+  (
+    "num_validation",
+    int,
+    lambda v: v >= 0,
+    ">= 0 (0 = no validation split: nothing evaluated during training)",
+  ),
 )
 TRANSLATION_FIELDS: tuple[FieldRule, ...] = (
   ("seed", int, lambda v: v >= 0, ">= 0"),
@@ -71,7 +77,9 @@ def load_dates(data_config) -> Seq2SeqData:
       f"data.{field}",
       "task 'dates' is generated in code and reads no files; leave it empty",
     )
-  raw = dates.make_splits(data_config.seed, data_config.num_train, data_config.num_test)
+  raw = dates.make_splits(
+    data_config.seed, data_config.num_train, data_config.num_test, data_config.num_validation
+  )
   # The vocabulary comes from the training split only, as it would for real data.
   vocabulary = CharVocabulary.from_texts(raw["train"][0] + raw["train"][1])
   max_source_length = dates.MAX_SOURCE_LENGTH + 1

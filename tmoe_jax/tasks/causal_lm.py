@@ -88,6 +88,7 @@ def _padded_windows(ids, starts_B, length: int, num_valid: int) -> dict[str, np.
 
 class CausalLMTask(Task):
   eval_split = "validation"
+  validation_split = "validation"
   throughput_unit = "tokens"
   expert_parallel = True
 

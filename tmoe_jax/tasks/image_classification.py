@@ -171,6 +171,8 @@ class ImageClassificationTask(Task):
       "validation": (self.data.validation_images_NxHxW, self.data.validation_labels_N),
       "test": (self.data.test_images_NxHxW, self.data.test_labels_N),
     }
+    # Evaluated during training: the part of train held out (data.validation_size), never test.
+    self.validation_split = "validation" if len(self.data.validation_labels_N) else None
     self._forward = None  # jitted (params, model_state, images) -> outputs, set by make_evaluator
     self._full_predictions: dict[str, Predictions] = {}  # split -> outputs of its last full evaluation
     self._gates: gate_reports.GatesCsv | None = None  # main process only (set by write_files)

@@ -68,6 +68,7 @@ def _padded_windows(ids, starts_B, length: int, num_valid: int) -> dict[str, np.
 
 class LanguageModelTask(Task):
   eval_split = "validation"
+  validation_split = "validation"
   throughput_unit = "tokens"
   expert_parallel = True  # the Transformer's top-k MoE layers run on the mesh
 

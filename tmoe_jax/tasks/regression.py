@@ -6,8 +6,9 @@ Training draws a fresh batch of `train.batch_size` points x ~ N(0, I_I) at
 every step, a pure function of (train.seed, step); the target is
 y = sum_i x_i^2 and the loss the mean squared error. The held-out test set is
 `data.num_test` points from a different random stream, keyed by `data.seed`
-alone, so it is the same whatever the training seed; it is evaluated in
-float32 and reported as `test_mse`.
+alone, so it is the same whatever the training seed; it is evaluated once, at
+the end, in float32 and reported as `test_mse`. Evaluations during training
+use as many validation points from a third stream.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from tmoe_jax.training.state import TrainState
 from tmoe_jax.training.task import Task
 from tmoe_jax.validation import validate_fields
 
-# Random streams: the first word of every seed sequence, so train and test draws never coincide.
+# Random streams: the first word of every seed sequence, so train, test and validation draws never coincide.
 TRAIN_STREAM = 0
 TEST_STREAM = 1
-SPLITS = ("test",)
+VALIDATION_STREAM = 2
+SPLITS = ("validation", "test")
 
 REGRESSION_FIELDS = (
   ("data.input_dim", int, lambda v: v >= 1, ">= 1"),
@@ -50,9 +52,11 @@ def train_points(seed: int, step: int, batch_size: int, input_dim: int) -> dict[
   return sum_of_squares_points(np.random.default_rng([TRAIN_STREAM, seed, step]), batch_size, input_dim)
 
 
-def held_out_points(seed: int, num_points: int, input_dim: int) -> dict[str, np.ndarray]:
-  """The held-out points, from a stream no training step draws from."""
-  return sum_of_squares_points(np.random.default_rng([TEST_STREAM, seed]), num_points, input_dim)
+def held_out_points(
+  seed: int, num_points: int, input_dim: int, stream: int = TEST_STREAM
+) -> dict[str, np.ndarray]:
+  """The held-out points of `stream` (test or validation), which no training step draws from."""
+  return sum_of_squares_points(np.random.default_rng([stream, seed]), num_points, input_dim)
 
 
 def squared_error_sum(model, batch: dict[str, jax.Array], num_valid: jax.Array) -> jax.Array:
@@ -64,11 +68,17 @@ def squared_error_sum(model, batch: dict[str, jax.Array], num_valid: jax.Array) 
 
 
 class RegressionTask(Task):
+  validation_split = "validation"
+
   def __init__(self, config):
     super().__init__(config)
     validate_fields(config, MOE_LOSS_FIELDS + REGRESSION_FIELDS)
     self.model_config = RegressionModelConfig.from_config(config.model, input_dim=config.data.input_dim)
-    self.splits = {"test": held_out_points(config.data.seed, config.data.num_test, config.data.input_dim)}
+    data = config.data
+    self.splits = {
+      split: held_out_points(data.seed, data.num_test, data.input_dim, stream)
+      for split, stream in (("validation", VALIDATION_STREAM), ("test", TEST_STREAM))
+    }
 
   def build_model(self, mesh):
     del mesh  # a few thousand parameters: replicated on every device

@@ -228,6 +228,7 @@ def select_by_validation(
 
 class SentencePairTask(Task):
   eval_split = DEV
+  validation_split = VALIDATION  # carved from train.tsv; dev is only scored at the end
   throughput_unit = "examples"
 
   def __init__(self, config):

@@ -177,6 +177,8 @@ class Seq2SeqTask(Task):
     # Translation is scored by BLEU; the embedded dates task by exact match.
     self.is_translation = isinstance(self.data.vocabulary, SubwordVocabulary)
     self.eval_split = config.eval.get("split", "test")
+    # Multi30k's `val`, the dates' own held-out validation dates (data.num_validation > 0).
+    self.validation_split = "validation" if "validation" in self.data.splits else None
 
   def build_model(self, mesh) -> Transformer:
     return build_model(self.config, self.data.vocabulary.size, self.config.train.seed, mesh=mesh)

@@ -192,8 +192,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
       units_since_log, time_of_log, pending = 0, now, None
       progress.set_postfix(loss=f"{row['loss']:.4f}", per_s=f"{row[units_name]:.0f}")
 
-    def evaluate(num_examples: int | None) -> dict[str, Any]:
-      return evaluator(eval_state(state), task.eval_split, num_examples)
+    def evaluate(split: str, num_examples: int | None) -> dict[str, Any]:
+      return evaluator(eval_state(state), split, num_examples)
+
+    validation_split = task.validation_split
+    if (
+      train_config.eval_every and validation_split is None and is_main and start_step < train_config.num_steps
+    ):
+      print(
+        f"train.eval_every={train_config.eval_every}: this run has no validation split, so nothing is "
+        f"evaluated during training; the {task.eval_split} split is evaluated once, at the end"
+      )
 
     progress = tqdm.tqdm(
       total=train_config.num_steps,
@@ -220,14 +229,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
           train_seconds += time.perf_counter() - step_start
           progress.update(1)
           if (
-            train_config.eval_every and done % train_config.eval_every == 0 and done < train_config.num_steps
+            validation_split is not None
+            and train_config.eval_every
+            and done % train_config.eval_every == 0
+            and done < train_config.num_steps
           ):
             log_pending()  # rows stay in step order; evaluating waits for the device anyway
             check_finite(done)
-            result = evaluate(config.eval.num_examples_during_training)
-            write_row({"step": done, "split": task.eval_split, **result})
+            result = evaluate(validation_split, config.eval.num_examples_during_training)
+            write_row({"step": done, "split": validation_split, **result})
             summary = " ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
-            progress.write(f"step {done}: {task.eval_split} {summary}")
+            progress.write(f"step {done}: {validation_split} {summary}")
           if train_config.checkpoint_every and done % train_config.checkpoint_every == 0:
             # The row goes first: a crash right after the save must not leave a resumed run without it.
             log_pending()
@@ -247,7 +259,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
       )
     return {"stopped_at_step": int(state.step)}
 
-  final = evaluate(None)
+  final = evaluate(task.eval_split, None)
   trained_steps = int(state.step) - start_step
   if not is_main:
     return task.headline_results(final)
@@ -263,7 +275,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, task: Task) -> dict[
     "steps_per_second_this_run": trained_steps / train_seconds if train_seconds else 0.0,
   }
   reporting.write_results(workdir, results)
-  reporting.plot_loss_curve(workdir, eval_split=task.eval_split)
+  reporting.plot_loss_curve(
+    workdir, eval_splits=tuple(split for split in dict.fromkeys((validation_split, task.eval_split)) if split)
+  )
   task.finish(workdir, state, graphdef)
   writer.close()
   return results

@@ -137,8 +137,10 @@ def write_results(workdir: pathlib.Path, results: Mapping[str, Any]) -> pathlib.
   return path
 
 
-def plot_loss_curve(workdir: pathlib.Path, *, eval_split: str = "test") -> pathlib.Path | None:
-  """Training loss (and the `eval_split` loss when logged) against step, as a PNG."""
+def plot_loss_curve(
+  workdir: pathlib.Path, *, eval_splits: tuple[str, ...] = ("test",)
+) -> pathlib.Path | None:
+  """Training loss (and the loss of each of `eval_splits` logged) against step, as a PNG."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -146,13 +148,14 @@ def plot_loss_curve(workdir: pathlib.Path, *, eval_split: str = "test") -> pathl
 
   rows = read_metrics(workdir)
   train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train"]
-  evals = [(r["step"], r["loss"]) for r in rows if r.get("split") == eval_split and "loss" in r]
   if not train:
     return None
   figure, axes = plt.subplots(figsize=(6, 4))
   axes.plot(*zip(*train), label="train loss")
-  if evals:
-    axes.plot(*zip(*evals), "o-", label=f"{eval_split} loss")
+  for split in eval_splits:
+    evals = [(r["step"], r["loss"]) for r in rows if r.get("split") == split and "loss" in r]
+    if evals:
+      axes.plot(*zip(*evals), "o-", label=f"{split} loss")
   axes.set_xlabel("step")
   axes.set_ylabel("loss")
   axes.set_yscale("log")

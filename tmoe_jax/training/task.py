@@ -28,7 +28,11 @@ Evaluator = Callable[[TrainState, str, int | None], dict[str, Any]]
 class Task(abc.ABC):
   """One experiment. Subclasses set `eval_split`, `throughput_unit` and implement the abstract methods."""
 
-  eval_split: str = "test"  # evaluated during training and at the end
+  eval_split: str = "test"  # the split the run reports: evaluated once, by the final weights
+  # The split evaluated every `train.eval_every` steps, where choices may look: a validation split,
+  # never the reported test split (it may equal `eval_split` when that is a validation split, as
+  # for the language models). None: the task has none, and nothing is evaluated during training.
+  validation_split: str | None = None
   throughput_unit: str = "examples"  # train rows log `<unit>_per_second`
   # Whether `build_model` splits MoE experts over the mesh's 'expert' axis; if not, the
   # loop refuses mesh.expert > 1 rather than silently replicating the experts.

@@ -58,6 +58,14 @@ for _task in ("seq2seq", "language_model"):
       "model.router_dtype": "float32",
     }
   )
+# The decoder-only LM's first runs (results/causal_lm_multi30k) predate the router dtype setting.
+KEYS_ADDED_LATER["causal_lm"] = {"model.router_dtype": "float32"}
+# Before the dates task had a validation split, every date outside the test bucket was a training
+# date (and the test split was evaluated during training).
+KEYS_ADDED_LATER["seq2seq"]["data.num_validation"] = 0
+# Keys of KEYS_ADDED_LATER that only runs on some data have: {dotted key: data.name}.
+KEYS_ONLY_FOR_DATA = {"data.num_validation": "dates"}
+
 # Values a key accepted under an older name: {task: {dotted key: {old value: current value}}}.
 # Saved and current configs are compared (on resume) with the current names.
 VALUES_RENAMED: dict[str, dict[str, dict[Any, Any]]] = {
@@ -69,8 +77,11 @@ VALUES_RENAMED: dict[str, dict[str, dict[Any, Any]]] = {
 def _keys_missing_from(saved: dict[str, Any]) -> dict[str, Any]:
   """The KEYS_ADDED_LATER of the saved run's task that its config lacks, with their old values."""
   missing = {}
+  data_name = saved.get("data", {}).get("name") if isinstance(saved.get("data"), dict) else None
   for dotted, value in KEYS_ADDED_LATER.get(saved.get("task"), {}).items():
     section, key = dotted.split(".")
+    if KEYS_ONLY_FOR_DATA.get(dotted, data_name) != data_name:
+      continue
     if isinstance(saved.get(section), dict) and key not in saved[section]:
       missing[dotted] = value
   return missing
