@@ -8,13 +8,14 @@ from train.tsv, never on dev; dev accuracy and F1 are reported with the majority
 baseline (68.4 %, F1 81.2).
 
 Default (CNN experts, 4 x 256, 600 steps): dev accuracy 79.2 %, F1 85.0 (weights of step
-350, validation accuracy 75.2 %); 6-7 minutes wall on a shared 2-core CPU under load
+350, validation accuracy 75.2 %; over train.seed 0, 1, 2: 78.3 +- 1.9 %, F1 85.2 +- 1.2,
+results/mrpc_sweep/); 6-7 minutes wall on a shared 2-core CPU under load
 (about 2 minutes of CPU time).
 
 Run (MRPC's GLUE TSVs in DIR: train.tsv, dev.tsv):
   python -m train --config configs/mrpc_moe.py --config.data.dir=DIR --workdir runs/mrpc_moe
 The original project's table (4 x 256, 10 x 512, dropout, RNN and CNN experts):
-  python -m train.sweep_mrpc --data-dir DIR --out mrpc_table.md
+  python -m train.sweep_mrpc --data-dir DIR --out mrpc_table.md [--seeds 0,1,2]
 """
 
 import ml_collections

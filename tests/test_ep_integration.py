@@ -69,7 +69,7 @@ def _step(config, mesh, sgd=True):
     (1, 8, {}),
     (4, 2, {"expert_bias_rate": 0.01, "router_jitter": 0.2, "batch_prioritized": True}),
     (2, 4, {"expert_type": "gated", "activation": "silu", "softmax_order": "after", "num_shared_experts": 1}),
-    (2, 4, {"dispatch": "dropless"}),
+    # Dropless MLP experts on (2, 4) and (1, 8): tests/test_mesh_equality_dropless.py (20 steps).
     (1, 8, {"dispatch": "dropless", "expert_type": "gated", "activation": "silu"}),
   ],
 )

@@ -103,7 +103,7 @@ EXPECTED_FIGURES = {
   "causal_lm_multi30k": lambda r: variants_figures(r, ("moe", "dense"), "val_perplexity", 2),
 }
 # Records whose README figures are table lines of their own rather than one row.
-README_LINES = {}
+README_LINES = {"mrpc_sweep": mrpc_sweep_lines}
 
 
 RECORDS = sorted({*EXPECTED_FIGURES, *README_LINES})

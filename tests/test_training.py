@@ -140,18 +140,12 @@ def test_restoring_into_a_different_model_shape_names_the_checkpoint(tmp_path):
     checkpointing.restore(manager, checkpointing.abstract_like(other_state))
 
 
-def test_training_evaluates_validation_only_and_test_once_at_the_end(tmp_path, capsys):
-  config = tiny_config(num_steps=4)
-  config.train.eval_every = 2
-  config.data.num_validation = 16
-  runner.train(config, tmp_path / "with_validation")
-  rows = reporting.read_metrics(tmp_path / "with_validation")
-  assert [(r["step"], r["split"]) for r in rows if r["split"] != "train"] == [(2, "validation"), (4, "test")]
-
-  config.data.num_validation = 0  # no validation split: nothing is looked at during training
-  runner.train(config, tmp_path / "without")
-  rows = reporting.read_metrics(tmp_path / "without")
-  assert [(r["step"], r["split"]) for r in rows if r["split"] != "train"] == [(4, "test")]
+def test_a_run_without_a_validation_split_evaluates_nothing_before_the_end(tmp_path, capsys):
+  config = tiny_config(num_steps=2, eval_every=1)
+  config.data.num_validation = 0  # the test split is never looked at during training
+  runner.train(config, tmp_path)
+  rows = reporting.read_metrics(tmp_path)
+  assert [(r["step"], r["split"]) for r in rows if r["split"] != "train"] == [(2, "test")]
   assert (
     "this run has no validation split, so nothing is evaluated during training" in capsys.readouterr().out
   )
@@ -159,7 +153,9 @@ def test_training_evaluates_validation_only_and_test_once_at_the_end(tmp_path, c
 
 def resumable_config(num_steps):
   # A constant schedule: cosine decay depends on num_steps, which differs between the legs.
-  return tiny_config(num_steps=num_steps, schedule="constant")
+  config = tiny_config(num_steps=num_steps, schedule="constant", eval_every=4)
+  config.data.num_validation = 16
+  return config
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +178,9 @@ def test_train_and_evaluate_writes_its_outputs(runs):
   for key in ("loss", "aux_loss", "learning_rate", "tokens_per_second", "expert_fraction"):
     assert key in train_rows[0], key
   assert np.isfinite(train_rows[-1]["loss"])
-  assert [r["step"] for r in rows if r["split"] == "test"] == [10]
+  # During training only the validation split is evaluated; the test split once, at the end.
+  evaluations = [(r["step"], r["split"]) for r in rows if r["split"] != "train"]
+  assert evaluations == [(4, "validation"), (8, "validation"), (10, "test")]
   text = (workdir / "results.txt").read_text()
   assert f"exact_match: {results['exact_match']!r}" in text
   assert 0.0 <= results["exact_match"] <= 1.0
