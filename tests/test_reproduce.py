@@ -62,6 +62,9 @@ def test_final_rows_keep_every_evaluation_and_the_last_training_row():
 def test_bad_records_are_named(tmp_path):
   with pytest.raises(reproduce.RecordError, match="record.json: cannot read"):
     reproduce.read_record(tmp_path)
+  (tmp_path / "record.json").write_text("[]")
+  with pytest.raises(reproduce.RecordError, match="must hold a JSON object"):
+    reproduce.read_record(tmp_path)
   (tmp_path / "record.json").write_text(json.dumps({"command": "--config x"}))
   with pytest.raises(reproduce.RecordError, match="'command' must be a list"):
     reproduce.read_record(tmp_path)

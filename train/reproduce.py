@@ -52,6 +52,8 @@ def read_record(record_dir: pathlib.Path) -> dict[str, Any]:
     record = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as error:
     raise RecordError(f"{path}: cannot read the record ({error})") from None
+  if not isinstance(record, dict):
+    raise RecordError(f"{path}: must hold a JSON object with 'command', 'runs' and 'rtol'")
   command, runs, rtol = record.get("command"), record.get("runs", {"": []}), record.get("rtol", 0.0)
   if not (isinstance(command, list) and all(isinstance(arg, str) for arg in command)):
     raise RecordError(f"{path}: 'command' must be a list of strings (the arguments of python -m train)")
