@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
+import numpy as np
 import pytest
 
 from train import reproduce
@@ -71,10 +73,28 @@ def test_bad_records_are_named(tmp_path):
   (tmp_path / "record.json").write_text(json.dumps({"command": [], "rtol": -1}))
   with pytest.raises(reproduce.RecordError, match="'rtol' must be a number >= 0"):
     reproduce.read_record(tmp_path)
+  (tmp_path / "record.json").write_text(json.dumps({"command": [], "versions": {"jax": 0.1}}))
+  with pytest.raises(reproduce.RecordError, match="'versions' must map package names to version strings"):
+    reproduce.read_record(tmp_path)
   record = {"command": ["--config.data.dir=DATA/mnist"], "runs": {"": []}, "rtol": 0.0}
   with pytest.raises(reproduce.RecordError, match="give --data-root"):
     reproduce.run_arguments(record, "", None)
   assert reproduce.run_arguments(record, "", "/data") == ["--config.data.dir=/data/mnist"]
+
+
+def test_versions_other_than_the_records_are_named():
+  installed = reproduce.installed_versions()
+  assert sorted(installed) == sorted(reproduce.NUMERIC_PACKAGES)
+  assert installed["jax"] == jax.__version__
+  assert reproduce.version_differences(installed, installed) == []
+  recorded = {**installed, "jax": "0.0.1", "numpy": "1.0"}
+  assert reproduce.version_differences(recorded, installed) == [
+    f"jax: recorded 0.0.1, installed {jax.__version__}",
+    f"numpy: recorded 1.0, installed {np.__version__}",
+  ]
+  assert reproduce.version_differences({"nopackage": "1"}, installed) == [
+    "nopackage: recorded 1, installed not installed"
+  ]
 
 
 def test_a_changed_config_is_reported_before_anything_runs(tmp_path, capsys):
@@ -99,11 +119,14 @@ def test_a_recorded_run_reproduces_bit_for_bit_and_an_edited_figure_is_caught(tm
   first = tmp_path / "first"
   assert reproduce.train(command, first) == 0
   assert reproduce.main([str(record_dir), "--save-from", str(first)]) == 0
+  record = reproduce.read_record(record_dir)
+  assert record["command"] == command and record["versions"] == reproduce.installed_versions()
   rows = [json.loads(line) for line in (record_dir / "final_metrics.jsonl").read_text().splitlines()]
   assert [(row["step"], row["split"]) for row in rows] == [(20, "validation"), (40, "test"), (40, "train")]
 
   assert reproduce.main([str(record_dir), "--workdir-root", str(tmp_path / "again")]) == 0
-  assert "matches the record bit for bit" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "matches the record bit for bit" in out and "versions are not the record's" not in out
 
   results = (record_dir / "results.txt").read_text()
   mse = reproduce.read_results(record_dir / "results.txt")["test_mse"]
@@ -114,3 +137,9 @@ def test_a_recorded_run_reproduces_bit_for_bit_and_an_edited_figure_is_caught(tm
   assert reproduce.main([str(record_dir), "--workdir-root", str(tmp_path / "again")]) == 1
   out = capsys.readouterr().out
   assert "already finished" in out and "DIFFERS" in out and "results.txt test_mse: recorded" in out
+  reproduce.write_versions(record_dir, {**record["versions"], "jax": "0.0.1"})
+  reproduce.main([str(record_dir), "--workdir-root", str(tmp_path / "again")])
+  assert (
+    f"versions are not the record's, so the figures may differ in rounding:\n  jax: recorded 0.0.1, installed {jax.__version__}"
+    in capsys.readouterr().out
+  )

@@ -1,9 +1,10 @@
 """The README's experiment figures against the records in `results/` they cite, so the two cannot drift.
 
 Each README table row that names a record (`results/<name>/`) must state that record's figures,
-formatted as the README writes them, and every record must hold the run's command (record.json, for
-`python -m train.reproduce`), its machine (README.md), and per run its resolved config.json,
-results.txt and final metrics rows; the recorded command must still give the recorded config.
+formatted as the README writes them, and every record must hold the run's command and package
+versions (record.json, for `python -m train.reproduce`), its machine (README.md), and per run its
+resolved config.json, results.txt and final metrics rows; the recorded command must still give
+the recorded config.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def test_each_recorded_command_still_gives_the_recorded_config(name):
   """Otherwise `python -m train.reproduce` could not match: the record is stale."""
   record = RESULTS / name
   spec = reproduce.read_record(record)
+  # A bit-for-bit re-run needs the versions that made the record; they must be stated.
+  assert sorted(spec["versions"]) == sorted(reproduce.NUMERIC_PACKAGES)
   for run in spec["runs"]:
     arguments = reproduce.run_arguments(spec, run, data_root="DATA")
     assert reproduce.config_differences(reproduce.run_dir_of(record, run), arguments) == [], run

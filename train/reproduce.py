@@ -9,18 +9,22 @@ A record is a folder holding README.md (what the run is, the machine and date), 
 
   {"command": ["--config", "configs/mnist_moe.py", "--config.data.dir=DATA/mnist"],
    "runs": {"seed1": ["--config.train.seed=1"], ...},   # optional: runs that add arguments
-   "rtol": 0.0}                                          # relative tolerance; 0: bit for bit
+   "rtol": 0.0,                                          # relative tolerance; 0: bit for bit
+   "versions": {"jax": "0.10.2", ...}}                   # the packages that set the numerics
 
 and, per run (in the folder itself, or in `<run>/` when there are several), the run's
 config.json, results.txt and final metrics rows (`final_metrics.jsonl`: every evaluation row
 and the last training row of metrics.jsonl). `DATA/` in the command stands for `--data-root`.
 Wall-clock figures (train time, throughput) are never compared; every other key and row is.
+A bit-for-bit match needs the recorded versions of jax, jaxlib, flax, optax and numpy (other
+versions may round differently); the script names any that differ before it re-runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.metadata
 import json
 import math
 import pathlib
@@ -39,6 +43,9 @@ MACHINE_CONFIG_KEYS = frozenset({"data.dir", "data.tfds_data_dir", "train.progre
 # Keys that measure the machine, not the run.
 WALL_CLOCK_KEYS = frozenset({"train_time_seconds", "steps_per_second_this_run"})
 WALL_CLOCK_SUFFIX = "_per_second"
+# The packages whose versions can change a run's rounding (XLA's kernels, the model and
+# optimizer code, the data pipeline's NumPy).
+NUMERIC_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 
 
 class RecordError(ValueError):
@@ -61,7 +68,38 @@ def read_record(record_dir: pathlib.Path) -> dict[str, Any]:
     raise RecordError(f"{path}: 'runs' must map each run's folder name to its extra arguments")
   if not (isinstance(rtol, (int, float)) and rtol >= 0):
     raise RecordError(f"{path}: 'rtol' must be a number >= 0, got {rtol!r}")
-  return {"command": command, "runs": runs, "rtol": float(rtol)}
+  versions = record.get("versions", {})
+  if not (isinstance(versions, dict) and all(isinstance(v, str) for v in versions.values())):
+    raise RecordError(f"{path}: 'versions' must map package names to version strings")
+  return {"command": command, "runs": runs, "rtol": float(rtol), "versions": versions}
+
+
+def installed_versions() -> dict[str, str]:
+  """The versions of `NUMERIC_PACKAGES` in this environment ("not installed" if absent)."""
+  versions = {}
+  for package in NUMERIC_PACKAGES:
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = "not installed"
+  return versions
+
+
+def version_differences(recorded: dict[str, str], installed: dict[str, str]) -> list[str]:
+  """One line per package whose recorded version is not the installed one."""
+  return [
+    f"{package}: recorded {recorded[package]}, installed {installed.get(package, 'not installed')}"
+    for package in sorted(recorded)
+    if recorded[package] != installed.get(package, "not installed")
+  ]
+
+
+def write_versions(record_dir: pathlib.Path, versions: dict[str, str]) -> None:
+  """Sets record.json's "versions" (the rest of the file as it was)."""
+  path = record_dir / RECORD_FILE
+  record = json.loads(path.read_text())
+  record["versions"] = versions
+  path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def run_arguments(record: dict[str, Any], run: str, data_root: str | None) -> list[str]:
@@ -241,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       if len(runs) != 1:
         raise RecordError("--save-from writes one run: name it with --run")
       save_run(args.save_from, run_dir_of(args.record, runs[0]))
+      write_versions(args.record, installed_versions())
       print(f"wrote {run_dir_of(args.record, runs[0])} from {args.save_from}")
       return 0
     arguments = {run: run_arguments(record, run, args.data_root) for run in runs}
@@ -258,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in changed:
       print("  " + line)
     return 1
+  other_versions = version_differences(record["versions"], installed_versions())
+  if other_versions:
+    print("this environment's versions are not the record's, so the figures may differ in rounding:")
+    for line in other_versions:
+      print("  " + line)
   root = args.workdir_root or pathlib.Path(tempfile.mkdtemp(prefix=f"reproduce-{args.record.name}-"))
   failures = 0
   for run in runs:
