@@ -11,15 +11,19 @@ import time
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from test_cli import REPO, TINY, subprocess_env
 from test_training import tiny_config
 
 from tmoe_jax import loading
 from tmoe_jax.errors import TmoeError, WorkdirError
 from tmoe_jax.tasks import runner
-from tmoe_jax.training import checkpointing, loop, reporting
+from tmoe_jax.training import checkpointing, loop, reporting, steps
+from tmoe_jax.training.state import create_train_state
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
@@ -242,6 +246,49 @@ def test_divergence_stops_naming_the_step_and_keeps_only_finite_checkpoints(tmp_
   assert all(
     np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state) if np.issubdtype(leaf.dtype, np.floating)
   )
+
+
+class _ScaledLinear(nnx.Module):
+  """A linear map with a non-parameter scale, as the expert bias is state outside the gradient."""
+
+  def __init__(self):
+    self.linear = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    self.scale = nnx.Variable(jnp.ones(()))
+
+
+def _squared_error(model, batch, rngs, step):
+  prediction = model.linear(batch["x"])[:, 0] * model.scale.value
+  return jnp.mean((prediction - batch["y"]) ** 2), {}, ()
+
+
+@pytest.mark.parametrize(
+  "case, finite",
+  [
+    ("clean", True),
+    ("nan_input", False),
+    ("inf_target", False),
+    ("nan_state", False),
+    ("huge_gradient", False),
+  ],
+)
+def test_step_flags_a_non_finite_loss_gradient_or_state(case, finite):
+  """The step's is_finite flag: loss, aux loss, grad norm and the non-parameter state."""
+  optimizer = optax.adam(1e-3)
+  graphdef, state = create_train_state(_ScaledLinear(), optimizer, seed=0)
+  x, y = np.ones((4, 3), np.float32), np.zeros(4, np.float32)
+  if case == "nan_input":
+    x[1, 2] = np.nan
+  if case == "inf_target":
+    y[0] = np.inf
+  if case == "huge_gradient":  # a finite loss (1e36) and gradients (5e27) whose squares overflow
+    x[:], y[:] = 1e10, -1e18
+  if case == "nan_state":
+    state = state.replace(model_state=jax.tree.map(lambda v: v * np.nan, state.model_state))
+  step = steps.jit_train_step(graphdef, optimizer, lambda step: 1e-3, steps.LossWeights(), _squared_error)
+  new_state, metrics = step(state, {"x": x, "y": y})
+  assert bool(metrics["is_finite"]) is finite
+  if finite:
+    chex.assert_tree_all_finite(new_state)
 
 
 # --- metrics written by a killed run ------------------------------------------------------

@@ -8,9 +8,10 @@ loss_curve.png and checkpoints/ into the workdir.
 
 Crash safety: files are replaced atomically and metrics rows past the restored
 step are dropped, so a run killed at any point and rerun ends as an
-uninterrupted one would. Every step reports whether its loss, gradients and new
-state are finite; the host reads those flags before any row, evaluation or
-checkpoint depends on them and stops with TrainingDivergedError otherwise.
+uninterrupted one would. Every step reports whether its loss and gradients (which
+keep the new parameters and Adam moments finite) and its new non-parameter state
+are finite; the host reads those flags before any row, evaluation or checkpoint
+depends on them and stops with TrainingDivergedError otherwise.
 
 Multi-process runs (`jax.distributed`): every process runs this loop on its own
 rows of each global batch; only the main process writes files other than
