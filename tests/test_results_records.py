@@ -77,6 +77,24 @@ def mrpc_sweep_lines(record: pathlib.Path) -> list[str]:
   return lines
 
 
+MULTI30K_VARIANTS = {"moe": "MoE", "dense": "dense"}
+
+
+def multi30k_figures(record: pathlib.Path) -> list[str]:
+  """Per run: '<variant> seed <S>: <greedy> greedy, <beam 4> beam 4, loss <test loss>' (test_2016_flickr)."""
+  figures = []
+  for run in reproduce.read_record(record)["runs"]:
+    variant, seed = run.rsplit("_seed", 1)
+    run_dir = record / run
+    beam = json.loads((run_dir / "eval-1500-test-beam4.json").read_text())
+    assert beam["split"] == "test" and beam["step"] == 1500, run
+    figures.append(
+      f"{MULTI30K_VARIANTS[variant]} seed {seed}: {number(run_dir, 'bleu'):.1f} greedy, "
+      f"{beam['bleu']:.1f} beam 4, loss {number(run_dir, 'test_loss'):.3f}"
+    )
+  return figures
+
+
 # record -> the figures its README line must state, computed from the record's files.
 EXPECTED_FIGURES = {
   "tmoe_default": lambda r: [
@@ -96,11 +114,7 @@ EXPECTED_FIGURES = {
   ],
   "regression": lambda r: variants_figures(r, ("softmax", "top2", "dense_mlp"), "test_mse", 3),
   "smoe_lm": lambda r: variants_figures(r, ("smoe", "moe", "dense", "sampled"), "val_bits_per_char", 3),
-  "tmoe_multi30k_seed0": lambda r: [
-    f"{number(r, 'bleu'):.1f} greedy",
-    f"{json.loads((r / 'eval-1500-test-beam4.json').read_text())['bleu']:.1f} beam",
-    f"loss {number(r, 'test_loss'):.3f}",
-  ],
+  "tmoe_multi30k": lambda r: multi30k_figures(r),
   "causal_lm_multi30k": lambda r: variants_figures(r, ("moe", "dense"), "val_perplexity", 2),
 }
 # Records whose README figures are table lines of their own rather than one row.
