@@ -141,7 +141,7 @@ def train_step(
   # Checked on device so the host reads one flag per step. A finite grad norm (the root
   # of the sum of every gradient's square) bounds each squared gradient, so Adam's moments
   # stay finite and its normalised step is bounded: the new parameters are finite short of
-  # an absurd learning rate. Checking parameters and moments themselves cost 5 % of a CPU
+  # an absurd learning rate. Checking parameters and moments themselves cost 3-5 % of a CPU
   # step (bench/RESULTS.md section 7). The non-parameter state (the expert bias) is
   # updated outside the gradient, so it is checked itself.
   metrics["is_finite"] = all_finite(
