@@ -114,7 +114,7 @@ EXPECTED_FIGURES = {
   ],
   "regression": lambda r: variants_figures(r, ("softmax", "top2", "dense_mlp"), "test_mse", 3),
   "smoe_lm": lambda r: variants_figures(r, ("smoe", "moe", "dense", "sampled"), "val_bits_per_char", 3),
-  "tmoe_multi30k": lambda r: multi30k_figures(r),
+  "tmoe_multi30k": multi30k_figures,
   "causal_lm_multi30k": lambda r: variants_figures(r, ("moe", "dense"), "val_perplexity", 2),
 }
 # Records whose README figures are table lines of their own rather than one row.

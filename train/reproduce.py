@@ -46,6 +46,7 @@ WALL_CLOCK_SUFFIX = "_per_second"
 # The packages whose versions can change a run's rounding (XLA's kernels, the model and
 # optimizer code, the data pipeline's NumPy).
 NUMERIC_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
+NOT_INSTALLED = "not installed"
 
 
 class RecordError(ValueError):
@@ -75,22 +76,22 @@ def read_record(record_dir: pathlib.Path) -> dict[str, Any]:
 
 
 def installed_versions() -> dict[str, str]:
-  """The versions of `NUMERIC_PACKAGES` in this environment ("not installed" if absent)."""
+  """The versions of `NUMERIC_PACKAGES` in this environment (`NOT_INSTALLED` if absent)."""
   versions = {}
   for package in NUMERIC_PACKAGES:
     try:
       versions[package] = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-      versions[package] = "not installed"
+      versions[package] = NOT_INSTALLED
   return versions
 
 
 def version_differences(recorded: dict[str, str], installed: dict[str, str]) -> list[str]:
   """One line per package whose recorded version is not the installed one."""
   return [
-    f"{package}: recorded {recorded[package]}, installed {installed.get(package, 'not installed')}"
+    f"{package}: recorded {recorded[package]}, installed {installed.get(package, NOT_INSTALLED)}"
     for package in sorted(recorded)
-    if recorded[package] != installed.get(package, "not installed")
+    if recorded[package] != installed.get(package, NOT_INSTALLED)
   ]
 
 
