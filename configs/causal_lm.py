@@ -6,7 +6,8 @@ Two layers, d_model 128, 4 query / 2 key-value heads; every feed-forward layer i
 `model.ffn`:
   "moe":   8 SwiGLU experts of d_ff = 128 units, top-2, dropless: 256 active units per token;
   "dense": one SwiGLU FFN; give it d_ff = 256 for equal active parameters.
-Reports val_loss (nats/token) and val_perplexity.
+Validation (`val`) is evaluated during training; the run reports test_loss (nats/token) and
+test_perplexity on test_2016_flickr's 1,000 English captions, scored once by the final weights.
 
   python -m train --config configs/causal_lm.py --config.data.dir=DATA/multi30k --workdir runs/clm_moe
   python -m train --config configs/causal_lm.py --config.data.dir=DATA/multi30k --workdir runs/clm_dense \
@@ -79,7 +80,8 @@ def data_section(**overrides) -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
   data.dir = ""  # a folder holding the text files (e.g. ../shared/data/multi30k)
   data.train_file = "train.en.gz"  # one document per line; gzipped or plain
-  data.validation_file = "val.en.gz"
+  data.validation_file = "val.en.gz"  # evaluated during training
+  data.test_file = "test_2016_flickr.en.gz"  # scored once, by the final weights; empty = report validation
   data.tokenizer = ""  # a tokenizer.json; empty = train a byte-level BPE on the training text
   data.vocab_size = 2048  # of the trained BPE
   data.end_of_text_id = -1  # the id after each document; -1 = the tokenizer's "</s>"

@@ -10,13 +10,17 @@ import shutil
 import numpy as np
 import pytest
 from flax import nnx
+from tokenizers import Tokenizer
 
 import tmoe_jax
 from configs import causal_lm as causal_lm_config
 from configs import hf_finetune
+from tmoe_jax.data import token_corpus
+from tmoe_jax.errors import ConfigError
 from tmoe_jax.hf import from_hf
 from tmoe_jax.hf.checkpoint_directory import model_parameters
 from tmoe_jax.tasks import runner
+from tmoe_jax.tasks.causal_lm import CausalLMTask
 from train import export_hf, generate, import_hf
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf_moe"
@@ -32,20 +36,28 @@ ACTIONS = (
 
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory) -> pathlib.Path:
-  """Caption-like lines: train.en (plain) and val.en."""
+  """Caption-like lines: train.en (plain), val.en and test.en."""
   directory = tmp_path_factory.mktemp("text")
   lines = [f"{subject} {action} ." for subject in SUBJECTS for action in ACTIONS]
   (directory / "train.en").write_text("\n".join(lines * 3) + "\n")
   (directory / "val.en").write_text("\n".join(lines[::3]) + "\n")
+  (directory / "test.en").write_text("\n".join(lines[1::4]) + "\n")
   return directory
 
 
 def tiny(config, text_dir: pathlib.Path, **train):
   config.data.dir = str(text_dir)
-  config.data.train_file, config.data.validation_file = "train.en", "val.en"
+  config.data.train_file, config.data.validation_file, config.data.test_file = "train.en", "val.en", "test.en"
   config.data.sequence_length = 16
   config.train.update(
-    batch_size=8, log_every=1, eval_every=0, checkpoint_every=0, progress_bar=False, **train
+    **{
+      "batch_size": 8,
+      "log_every": 1,
+      "eval_every": 0,
+      "checkpoint_every": 0,
+      "progress_bar": False,
+      **train,
+    }
   )
   config.eval.update(batch_size=8, num_examples_during_training=8)
   return config
@@ -66,19 +78,43 @@ def scratch_config(text_dir, **train):
 
 def test_train_resume_load_and_generate_from_scratch(text_dir, tmp_path):
   workdir = tmp_path / "run"
-  first = runner.train(scratch_config(text_dir), workdir)
-  assert first["steps"] == 3 and np.isfinite(first["val_perplexity"])
+  first = runner.train(scratch_config(text_dir, eval_every=2), workdir)
+  assert first["steps"] == 3 and np.isfinite(first["test_perplexity"])
+  assert not any(key.startswith("val_") for key in first)
   assert (workdir / "tokenizer.json").is_file()
-  resumed = runner.train(scratch_config(text_dir, num_steps=5), workdir)
+  resumed = runner.train(scratch_config(text_dir, num_steps=5, eval_every=2), workdir)
   assert resumed["steps"] == 5
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [row["step"] for row in rows if row["split"] == "train"] == [1, 2, 3, 4, 5]
+  # Validation during training; the test split once per run, by its final weights.
+  evaluations = [(row["step"], row["split"]) for row in rows if row["split"] != "train"]
+  assert evaluations == [(2, "validation"), (3, "test"), (4, "validation"), (5, "test")]
+  assert resumed["test_loss"] == rows[-1]["loss"] and resumed["test_tokens"] == rows[-1]["num_tokens"]
+  # The whole test stream, in consecutive windows of 16 predicted tokens.
+  tokenizer = Tokenizer.from_file(str(workdir / "tokenizer.json"))
+  end_of_text = tokenizer.token_to_id(token_corpus.END_OF_TEXT)
+  stream = token_corpus.token_stream(tokenizer, token_corpus.read_lines(text_dir / "test.en"), end_of_text)
+  assert resumed["test_tokens"] == (len(stream) - 1) // 16 * 16
 
   run = tmoe_jax.load(workdir)
   assert run.step == 5
   continuations = run.generate(["a dog", "two men are"], 6)
   assert len(continuations) == 2 and all(isinstance(text, str) for text in continuations)
   assert np.isfinite(run.perplexity(["a dog runs on the grass ."]))
+
+
+def test_without_a_test_file_the_task_reports_validation(text_dir):
+  config = scratch_config(text_dir)
+  config.data.test_file = ""  # as the first recorded runs, which had no test split
+  task = CausalLMTask(config)
+  assert task.eval_split == "validation" and set(task.corpus.splits) == {"train", "validation"}
+  evaluation = {"split": "validation", "loss": 2.0, "perplexity": 7.39, "accuracy": 0.5, "num_tokens": 32}
+  assert {"val_loss", "val_perplexity", "val_accuracy", "val_tokens"} <= set(
+    task.headline_results(evaluation)
+  )
+  config.data.test_file = "missing.en"
+  with pytest.raises(ConfigError, match=r"data\.test_file: .*missing\.en is not a file"):
+    CausalLMTask(config)
 
 
 def test_import_fine_tune_and_export_round_trip(text_dir, tmp_path, capsys):
@@ -89,6 +125,7 @@ def test_import_fine_tune_and_export_round_trip(text_dir, tmp_path, capsys):
     "--config.data.train_file=train.en",
     "--config.data.sequence_length=16",
     "--config.data.validation_file=val.en",
+    "--config.data.test_file=test.en",
   ]
   import_hf.main(
     [

@@ -57,6 +57,19 @@ def variants_figures(record: pathlib.Path, variants: tuple[str, ...], key: str, 
   return [figure for variant in variants for figure in spread(seed_values(record, variant, key), digits)]
 
 
+def causal_lm_figures(record: pathlib.Path) -> list[str]:
+  """Test perplexity per variant over its seeds, and the mean +- sd of each run's `val` evaluation file."""
+  figures = variants_figures(record, ("moe", "dense"), "test_perplexity", 2)
+  for variant in ("moe", "dense"):
+    evaluations = [
+      json.loads((run / "eval-600-validation.json").read_text())
+      for run in sorted(record.glob(f"{variant}_seed*"))
+    ]
+    assert all((e["step"], e["split"]) == (600, "validation") for e in evaluations), variant
+    figures.append(f"val {spread([e['val_perplexity'] for e in evaluations], 2)[0]}")
+  return figures
+
+
 # The MRPC sweep's README table: setting run prefix -> the label its line starts with.
 MRPC_SWEEP_LABELS = {
   "mlp_4x256": "MLP 4 x 256, no dropout",
@@ -115,7 +128,7 @@ EXPECTED_FIGURES = {
   "regression": lambda r: variants_figures(r, ("softmax", "top2", "dense_mlp"), "test_mse", 3),
   "smoe_lm": lambda r: variants_figures(r, ("smoe", "moe", "dense", "sampled"), "val_bits_per_char", 3),
   "tmoe_multi30k": multi30k_figures,
-  "causal_lm_multi30k": lambda r: variants_figures(r, ("moe", "dense"), "val_perplexity", 2),
+  "causal_lm_multi30k": causal_lm_figures,
 }
 # Records whose README figures are table lines of their own rather than one row.
 README_LINES = {"mrpc_sweep": mrpc_sweep_lines}

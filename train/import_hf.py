@@ -2,11 +2,12 @@
 
 Writes W as `python -m train --config configs/hf_finetune.py:CHECKPOINT_DIR` would, without
 training: config.json (the checkpoint's config.json translated, `tmoe_jax.hf.families`), the
-tokenizer, a step-0 checkpoint holding the imported parameters, and the validation perplexity
-of the imported model in metrics.jsonl and results.txt. The same `python -m train` command
-then fine-tunes it (resuming from step 0), `python -m train.evaluate` / `train.generate` use
-it, and `--config.mesh.expert=N` shards its experts. The text comes from `--config.data.dir`
-(default files train.en.gz and val.en.gz there).
+tokenizer, a step-0 checkpoint holding the imported parameters, and the imported model's
+perplexity on the reported split (the test file; validation when `data.test_file` is empty) in
+metrics.jsonl and results.txt. The same `python -m train` command then fine-tunes it (resuming
+from step 0), `python -m train.evaluate` / `train.generate` use it, and `--config.mesh.expert=N`
+shards its experts. The text comes from `--config.data.dir` (default files train.en.gz,
+val.en.gz and test_2016_flickr.en.gz there).
 
 Every check runs before anything is written: an unknown architecture, an unsupported setting
 (e.g. a sliding window) or a missing or mis-shaped tensor stops with one message, exit code 2.

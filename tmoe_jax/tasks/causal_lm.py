@@ -2,13 +2,14 @@
 
 Shapes: B windows, L = data.sequence_length, V vocabulary.
 
-Data: the lines of `data.dir/data.train_file` and `data.dir/data.validation_file`, tokenised
-with `data.tokenizer` (a tokenizer.json, e.g. an imported checkpoint's) or, when it is empty,
-a byte-level BPE of `data.vocab_size` ids trained here on the training lines; the tokenizer
-is saved in the workdir. Training windows are random spans of L + 1 tokens of the training
+Data: the lines of `data.dir/data.train_file`, `data.validation_file` and (optional)
+`data.test_file`, tokenised with `data.tokenizer` (a tokenizer.json, e.g. an imported
+checkpoint's) or, when it is empty, a byte-level BPE of `data.vocab_size` ids trained here on
+the training lines; the tokenizer is saved in the workdir. Training windows are random spans of L + 1 tokens of the training
 stream, a pure function of (train.seed, step); evaluation reads consecutive windows of the
-validation stream, every token after a window's first predicted once, and reports the loss
-in nats per token and its perplexity.
+stream of a split, every token after a window's first predicted once, and reports the loss
+in nats per token and its perplexity. Validation is evaluated during training; the run reports
+the test split, scored once by the final weights, or validation when `data.test_file` is empty.
 
 Starting point: fresh parameters, or `init.hf_checkpoint`, a Hugging Face checkpoint
 directory whose parameters (only: the optimizer starts fresh) the run starts from
@@ -44,12 +45,15 @@ from tmoe_jax.validation import validate_fields
 
 TOKENIZER_FILE = "tokenizer.json"
 CORPUS_FILE = "corpus.json"
-SPLIT_FILES = {"train": "train_file", "validation": "validation_file"}
+SPLIT_FILES = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
+# The prefix of the reported split's keys in results.txt.
+RESULT_PREFIX = {"test": "test", "validation": "val"}
 
 CAUSAL_LM_FIELDS = (
   ("data.dir", str, lambda v: bool(v), "a directory holding the text files"),
   ("data.train_file", str, lambda v: bool(v), "a file name in data.dir"),
   ("data.validation_file", str, lambda v: bool(v), "a file name in data.dir"),
+  ("data.test_file", str, lambda v: True, "a file name in data.dir, or empty for no test split"),
   ("data.tokenizer", str, lambda v: True, "a tokenizer.json path, or empty to train one"),
   ("data.vocab_size", int, lambda v: v >= 260, ">= 260 (the 256 bytes and the special tokens)"),
   ("data.end_of_text_id", int, lambda v: v >= -1, ">= 0, or -1 for the tokenizer's </s>"),
@@ -87,7 +91,6 @@ def _padded_windows(ids, starts_B, length: int, num_valid: int) -> dict[str, np.
 
 
 class CausalLMTask(Task):
-  eval_split = "validation"
   validation_split = "validation"
   throughput_unit = "tokens"
   expert_parallel = True
@@ -97,7 +100,11 @@ class CausalLMTask(Task):
     validate_fields(config, MOE_LOSS_FIELDS + CAUSAL_LM_FIELDS)
     data = config.data
     directory = pathlib.Path(data.dir)
-    files = {split: directory / data[key] for split, key in SPLIT_FILES.items()}
+    files = {split: directory / data[key] for split, key in SPLIT_FILES.items() if data[key]}
+    for split, path in files.items():
+      if not path.is_file():
+        raise ConfigError(f"data.{SPLIT_FILES[split]}: {path} is not a file")
+    self.eval_split = "test" if "test" in files else "validation"
     if data.tokenizer:
       if not pathlib.Path(data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: {data.tokenizer} is not a file")
@@ -184,6 +191,7 @@ class CausalLMTask(Task):
       )
       loss = totals["loss_sum"] / max(totals["num_tokens"], 1.0)
       return {
+        "split": split,
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
         "accuracy": totals["correct_tokens"] / max(totals["num_tokens"], 1.0),
@@ -194,12 +202,13 @@ class CausalLMTask(Task):
     return evaluator
 
   def headline_results(self, evaluation: dict[str, Any]) -> dict[str, Any]:
-    model = self.model_config
+    # Named by the split evaluated: `train.evaluate --split validation` reports val_*.
+    model, prefix = self.model_config, RESULT_PREFIX[evaluation["split"]]
     return {
-      "val_loss": evaluation["loss"],
-      "val_perplexity": evaluation["perplexity"],
-      "val_accuracy": evaluation["accuracy"],
-      "val_tokens": evaluation["num_tokens"],
+      f"{prefix}_loss": evaluation["loss"],
+      f"{prefix}_perplexity": evaluation["perplexity"],
+      f"{prefix}_accuracy": evaluation["accuracy"],
+      f"{prefix}_tokens": evaluation["num_tokens"],
       "ffn": model.ffn,
       "started_from": self.config.init.hf_checkpoint or "fresh parameters",
     }

@@ -59,7 +59,8 @@ for _task in ("seq2seq", "language_model"):
     }
   )
 # The decoder-only LM's first runs (results/causal_lm_multi30k) predate the router dtype setting.
-KEYS_ADDED_LATER["causal_lm"] = {"model.router_dtype": "float32"}
+# Their runs reported validation: there was no test split.
+KEYS_ADDED_LATER["causal_lm"] = {"model.router_dtype": "float32", "data.test_file": ""}
 # Before the dates task had a validation split, every date outside the test bucket was a training
 # date (and the test split was evaluated during training).
 KEYS_ADDED_LATER["seq2seq"]["data.num_validation"] = 0
