@@ -5,11 +5,12 @@ Shapes: B windows, L = data.sequence_length, V vocabulary.
 Data: the lines of `data.dir/data.train_file`, `data.validation_file` and (optional)
 `data.test_file`, tokenised with `data.tokenizer` (a tokenizer.json, e.g. an imported
 checkpoint's) or, when it is empty, a byte-level BPE of `data.vocab_size` ids trained here on
-the training lines; the tokenizer is saved in the workdir. Training windows are random spans of L + 1 tokens of the training
-stream, a pure function of (train.seed, step); evaluation reads consecutive windows of the
-stream of a split, every token after a window's first predicted once, and reports the loss
-in nats per token and its perplexity. Validation is evaluated during training; the run reports
-the test split, scored once by the final weights, or validation when `data.test_file` is empty.
+the training lines; the tokenizer is saved in the workdir. Training windows are random spans
+of L + 1 tokens of the training stream, a pure function of (train.seed, step); evaluation
+reads consecutive windows of a split's stream, every token after a window's first predicted
+once, and reports the loss in nats per token and its perplexity. Validation is evaluated
+during training; the run reports the test split, scored once by the final weights, or
+validation when `data.test_file` is empty.
 
 Starting point: fresh parameters, or `init.hf_checkpoint`, a Hugging Face checkpoint
 directory whose parameters (only: the optimizer starts fresh) the run starts from
@@ -46,7 +47,7 @@ from tmoe_jax.validation import validate_fields
 TOKENIZER_FILE = "tokenizer.json"
 CORPUS_FILE = "corpus.json"
 SPLIT_FILES = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
-# The prefix of the reported split's keys in results.txt.
+# The prefix of an evaluated split's keys in results.txt and `train.evaluate`'s files.
 RESULT_PREFIX = {"test": "test", "validation": "val"}
 
 CAUSAL_LM_FIELDS = (
