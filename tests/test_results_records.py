@@ -90,21 +90,19 @@ def mrpc_sweep_lines(record: pathlib.Path) -> list[str]:
   return lines
 
 
-MULTI30K_VARIANTS = {"moe": "MoE", "dense": "dense"}
-
-
 def multi30k_figures(record: pathlib.Path) -> list[str]:
-  """Per run: '<variant> seed <S>: <greedy> greedy, <beam 4> beam 4, loss <test loss>' (test_2016_flickr)."""
+  """Per variant (MoE, dense) over its seeds: greedy BLEU, beam-4 BLEU and test loss (test_2016_flickr),
+  each as 'mean +- sd' and the per-seed values."""
   figures = []
-  for run in reproduce.read_record(record)["runs"]:
-    variant, seed = run.rsplit("_seed", 1)
-    run_dir = record / run
-    beam = json.loads((run_dir / "eval-1500-test-beam4.json").read_text())
-    assert beam["split"] == "test" and beam["step"] == 1500, run
-    figures.append(
-      f"{MULTI30K_VARIANTS[variant]} seed {seed}: {number(run_dir, 'bleu'):.1f} greedy, "
-      f"{beam['bleu']:.1f} beam 4, loss {number(run_dir, 'test_loss'):.3f}"
+  for variant in ("moe", "dense"):
+    runs = sorted(record.glob(f"{variant}_seed*"))
+    beams = [json.loads((run / "eval-1500-test-beam4.json").read_text()) for run in runs]
+    assert all(
+      (beam["step"], beam["split"], beam["eval_config"]["beam_size"]) == (1500, "test", 4) for beam in beams
     )
+    figures += spread(seed_values(record, variant, "bleu"), 1)
+    figures += spread([beam["bleu"] for beam in beams], 1)
+    figures += spread(seed_values(record, variant, "test_loss"), 3)
   return figures
 
 
