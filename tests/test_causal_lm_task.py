@@ -49,16 +49,8 @@ def tiny(config, text_dir: pathlib.Path, **train):
   config.data.dir = str(text_dir)
   config.data.train_file, config.data.validation_file, config.data.test_file = "train.en", "val.en", "test.en"
   config.data.sequence_length = 16
-  config.train.update(
-    **{
-      "batch_size": 8,
-      "log_every": 1,
-      "eval_every": 0,
-      "checkpoint_every": 0,
-      "progress_bar": False,
-      **train,
-    }
-  )
+  config.train.update(batch_size=8, log_every=1, eval_every=0, checkpoint_every=0, progress_bar=False)
+  config.train.update(**train)
   config.eval.update(batch_size=8, num_examples_during_training=8)
   return config
 

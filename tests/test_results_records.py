@@ -57,14 +57,19 @@ def variants_figures(record: pathlib.Path, variants: tuple[str, ...], key: str, 
   return [figure for variant in variants for figure in spread(seed_values(record, variant, key), digits)]
 
 
+def seed_files(record: pathlib.Path, prefix: str, name: str) -> list[dict]:
+  """The JSON file `name` (a `train.evaluate` output) of each run `<prefix>_seed<S>`, in seed order."""
+  return [json.loads((run / name).read_text()) for run in sorted(record.glob(f"{prefix}_seed*"))]
+
+
+MOE_AND_DENSE = ("moe", "dense")
+
+
 def causal_lm_figures(record: pathlib.Path) -> list[str]:
   """Test perplexity per variant over its seeds, and the mean +- sd of each run's `val` evaluation file."""
-  figures = variants_figures(record, ("moe", "dense"), "test_perplexity", 2)
-  for variant in ("moe", "dense"):
-    evaluations = [
-      json.loads((run / "eval-600-validation.json").read_text())
-      for run in sorted(record.glob(f"{variant}_seed*"))
-    ]
+  figures = variants_figures(record, MOE_AND_DENSE, "test_perplexity", 2)
+  for variant in MOE_AND_DENSE:
+    evaluations = seed_files(record, variant, "eval-600-validation.json")
     assert all((e["step"], e["split"]) == (600, "validation") for e in evaluations), variant
     figures.append(f"val {spread([e['val_perplexity'] for e in evaluations], 2)[0]}")
   return figures
@@ -94,9 +99,8 @@ def multi30k_figures(record: pathlib.Path) -> list[str]:
   """Per variant (MoE, dense) over its seeds: greedy BLEU, beam-4 BLEU and test loss (test_2016_flickr),
   each as 'mean +- sd' and the per-seed values."""
   figures = []
-  for variant in ("moe", "dense"):
-    runs = sorted(record.glob(f"{variant}_seed*"))
-    beams = [json.loads((run / "eval-1500-test-beam4.json").read_text()) for run in runs]
+  for variant in MOE_AND_DENSE:
+    beams = seed_files(record, variant, "eval-1500-test-beam4.json")
     assert all(
       (beam["step"], beam["split"], beam["eval_config"]["beam_size"]) == (1500, "test", 4) for beam in beams
     )

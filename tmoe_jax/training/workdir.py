@@ -58,8 +58,8 @@ for _task in ("seq2seq", "language_model"):
       "model.router_dtype": "float32",
     }
   )
-# The decoder-only LM's first runs (results/causal_lm_multi30k) predate the router dtype setting.
-# Their runs reported validation: there was no test split.
+# The decoder-only LM's first runs predate the router dtype setting and the test split (they
+# reported validation).
 KEYS_ADDED_LATER["causal_lm"] = {"model.router_dtype": "float32", "data.test_file": ""}
 # Before the dates task had a validation split, every date outside the test bucket was a training
 # date (and the test split was evaluated during training).
