@@ -37,11 +37,16 @@ def percent(fraction: float, digits: int = 2) -> str:
   return f"{100 * fraction:.{digits}f} %"
 
 
-def seed_values(record: pathlib.Path, prefix: str, key: str) -> list[float]:
-  """`key` of each run `<prefix>_seed<S>` of a record, in seed order (at least three seeds)."""
+def seed_runs(record: pathlib.Path, prefix: str) -> list[pathlib.Path]:
+  """The runs `<prefix>_seed<S>` of a record, in seed order (at least three seeds)."""
   runs = sorted(record.glob(f"{prefix}_seed*"))
   assert len(runs) >= 3, f"{record.name}/{prefix}: at least three seeds"
-  return [number(run, key) for run in runs]
+  return runs
+
+
+def seed_values(record: pathlib.Path, prefix: str, key: str) -> list[float]:
+  """`key` of each run's results.txt, in seed order."""
+  return [number(run, key) for run in seed_runs(record, prefix)]
 
 
 def spread(values: list[float], digits: int, scale: float = 1.0) -> list[str]:
@@ -59,7 +64,7 @@ def variants_figures(record: pathlib.Path, variants: tuple[str, ...], key: str, 
 
 def seed_files(record: pathlib.Path, prefix: str, name: str) -> list[dict]:
   """The JSON file `name` (a `train.evaluate` output) of each run `<prefix>_seed<S>`, in seed order."""
-  return [json.loads((run / name).read_text()) for run in sorted(record.glob(f"{prefix}_seed*"))]
+  return [json.loads((run / name).read_text()) for run in seed_runs(record, prefix)]
 
 
 MOE_AND_DENSE = ("moe", "dense")
